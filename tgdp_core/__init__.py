@@ -1,0 +1,8 @@
+"""tgdp: Teacher-Guided Dual-Path audio-visual pretraining (CVPR 2026), complete and runnable."""
+from . import masking
+from .checkpoint import load_model
+from .config import Config
+from .model import build_model
+
+__all__ = ["Config", "build_model", "load_model", "masking"]
+__version__ = "0.1.0"

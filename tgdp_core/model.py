@@ -1,0 +1,301 @@
+"""The audio-visual backbone (CAV-MAE Sync layout), its MAE decoder, and each method's step.
+
+Shapes (base preset): fbank (B, 416, 128) -> audio patches (B, 208, D), frequency-major
+(token k = f * 26 + t); frames (B, 3, 224, 224) -> visual patches (B, 196, D), raster order.
+
+    AVEncoder     patch embeddings, fixed sin-cos positions, modality embeddings, global and
+                  register tokens, modality-specific blocks, the joint block, final norms
+    MAEDecoder    fills removed slots with the mask token and predicts every patch
+    TGDPModel     encoder + decoder; ``forward`` computes one training step's losses for
+                  ``cfg.method``; ``encode_audio`` / ``encode_visual`` for inference
+
+Every training pass computes only what its loss uses: the reconstruction view never runs the
+per-modality global pass; the contrastive view never runs the decoder or the concatenated
+joint pass; the joint block of a global pass computes the global token's row alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .config import Config, ModelConfig
+from .layers import Block, PatchEmbed, init_weights, sincos_2d
+from .masking import guided_masking, patchify, probabilistic_masking, random_masking
+
+
+@dataclass
+class Features:
+    """Full-view encoder output (no masking)."""
+
+    audio: torch.Tensor  # (B, D) global audio feature (normed global token, or mean of patches)
+    visual: torch.Tensor  # (B, D)
+    audio_tokens: torch.Tensor  # (B, Na, D) patch tokens after the joint block and audio norm
+    visual_tokens: torch.Tensor  # (B, Nv, D)
+
+
+@dataclass
+class Guide:
+    """What the EMA teacher hands the student: full-view targets and token priorities."""
+
+    audio: torch.Tensor  # (B, D) teacher's full-view global audio feature (distillation target)
+    visual: torch.Tensor  # (B, D)
+    priority_a: torch.Tensor | None = None  # (B, Na) sums to 1 over patches; None: not computed
+    priority_v: torch.Tensor | None = None  # (B, Nv)
+
+
+@dataclass
+class StepOutput:
+    """One training step: the weighted total and its unweighted parts."""
+
+    loss: torch.Tensor  # scalar to backpropagate
+    parts: dict[str, torch.Tensor]  # "rec", "contrastive" and, for tgdp, "distill" (unweighted)
+    audio: torch.Tensor  # (B, D) global features the contrastive loss saw (for collapse checks)
+    visual: torch.Tensor
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # "rec_a", "con_a", ...: (B, N), 1 = removed
+
+
+def _check_input(x: torch.Tensor, name: str, shape: tuple, finite: bool = False) -> None:
+    """Raise a ValueError naming the expected shape; ``shape`` uses None for the batch."""
+    want = "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {want}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of shape {want}, got dtype {x.dtype}")
+    if x.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, x.shape)):
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    if finite and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+class AVEncoder(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.m = m
+        D, p = m.embed_dim, m.patch_size
+        self.patch_embed_a = PatchEmbed(1, D, p)
+        self.patch_embed_v = PatchEmbed(3, D, p)
+        # Fixed 2-D sin-cos tables: buffers, saved with the weights but never trained.
+        self.register_buffer("pos_embed_a", sincos_2d(D, *m.audio_grid)[None])  # (1, Na, D)
+        self.register_buffer("pos_embed_v", sincos_2d(D, *m.visual_grid)[None])  # (1, Nv, D)
+        self.modality_a = nn.Parameter(torch.zeros(1, 1, D))
+        self.modality_v = nn.Parameter(torch.zeros(1, 1, D))
+        if m.global_token:
+            self.global_a = nn.Parameter(torch.zeros(1, 1, D))
+            self.global_v = nn.Parameter(torch.zeros(1, 1, D))
+        if m.num_registers:
+            self.registers_a = nn.Parameter(torch.zeros(1, m.num_registers, D))
+            self.registers_v = nn.Parameter(torch.zeros(1, m.num_registers, D))
+        self.blocks_a = nn.ModuleList(Block(D, m.num_heads, m.mlp_ratio) for _ in range(m.specific_depth))
+        self.blocks_v = nn.ModuleList(Block(D, m.num_heads, m.mlp_ratio) for _ in range(m.specific_depth))
+        # The joint block: shared attention and MLP, LayerNorms per stream (joint, audio, visual).
+        self.joint = Block(D, m.num_heads, m.mlp_ratio, modality_norms=True)
+        self.norm, self.norm_a, self.norm_v = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.apply(init_weights)
+        for param in (self.modality_a, self.modality_v, *self._extra_tokens()):
+            nn.init.normal_(param, std=0.02)
+
+    def _extra_tokens(self) -> list[nn.Parameter]:
+        names = ("global_a", "global_v", "registers_a", "registers_v")
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
+    # ------------------------------------------------------------------ embeddings
+    def embed_audio(self, fbank: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) normalised fbank -> (B, Na, D) audio patch tokens, frequency-major."""
+        _check_input(fbank, "fbank", (None, self.m.audio_frames, self.m.mel_bins))
+        image = fbank.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T): rows = mel bins, cols = time
+        return self.patch_embed_a(image) + self.pos_embed_a + self.modality_a
+
+    def embed_visual(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised frames -> (B, Nv, D) visual patch tokens, raster order."""
+        _check_input(frames, "frames", (None, 3, self.m.image_size, self.m.image_size))
+        return self.patch_embed_v(frames) + self.pos_embed_v + self.modality_v
+
+    # ------------------------------------------------------------------ encoder stages
+    def specific(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
+        """Modality-specific blocks: (B, n, D) patches -> (B, g + n, D), g = 1 with a global token.
+
+        The global token is prepended and the registers appended for these blocks only; the
+        registers are dropped on return (they never reach the joint block or the decoder).
+        """
+        B = tokens.shape[0]
+        parts = [tokens]
+        if self.m.global_token:
+            parts.insert(0, getattr(self, f"global_{modality}").expand(B, -1, -1))
+        if self.m.num_registers:
+            parts.append(getattr(self, f"registers_{modality}").expand(B, -1, -1))
+        x = torch.cat(parts, dim=1)  # (B, g + n + R, D)
+        for block in getattr(self, f"blocks_{modality}"):
+            x = block(x)
+        return x[:, : x.shape[1] - self.m.num_registers]
+
+    def global_feature(self, x: torch.Tensor, modality: str, priority: str | None = None):
+        """Per-modality joint pass -> ((B, D) global feature, (B, n) token priority or None).
+
+        With a global token only its row of the joint block is computed; without one (CAV-MAE)
+        the feature is the mean of the modality-normed joint tokens.
+        """
+        norm = getattr(self, f"norm_{modality}")
+        if not self.m.global_token:
+            if priority is not None:
+                raise ValueError("token priority needs a global token (model.global_token=True)")
+            return norm(self.joint(x, norm=modality)).mean(dim=1), None
+        g, scores = self.joint.forward_global(x, norm=modality, priority=priority)
+        return norm(g[:, 0]), scores
+
+    def joint_tokens(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """Full per-modality joint pass: (B, g + n, D) -> (B, g + n, D), every token normed."""
+        return getattr(self, f"norm_{modality}")(self.joint(x, norm=modality))
+
+    def joint_concat(self, audio: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Joint pass over [audio patches, visual patches] (no global tokens) for the decoder."""
+        return self.norm(self.joint(torch.cat([audio, visual], dim=1)))
+
+    # ------------------------------------------------------------------ full view
+    def forward_features(self, fbank: torch.Tensor, frames: torch.Tensor) -> Features:
+        g = int(self.m.global_token)
+        ta = self.joint_tokens(self.specific(self.embed_audio(fbank), "a"), "a")
+        tv = self.joint_tokens(self.specific(self.embed_visual(frames), "v"), "v")
+        if g:
+            return Features(ta[:, 0], tv[:, 0], ta[:, 1:], tv[:, 1:])
+        return Features(ta.mean(1), tv.mean(1), ta, tv)
+
+    def guide(self, fbank: torch.Tensor, frames: torch.Tensor, priority: str | None) -> Guide:
+        """The teacher's pass: full view, global features and (optionally) token priorities."""
+        ga, pa = self.global_feature(self.specific(self.embed_audio(fbank), "a"), "a", priority)
+        gv, pv = self.global_feature(self.specific(self.embed_visual(frames), "v"), "v", priority)
+        return Guide(ga, gv, pa, pv)
+
+
+class MAEDecoder(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        D, Dd, p = m.embed_dim, m.decoder_dim, m.patch_size
+        self.embed = nn.Linear(D, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.register_buffer("pos_embed_a", sincos_2d(Dd, *m.audio_grid)[None])
+        self.register_buffer("pos_embed_v", sincos_2d(Dd, *m.visual_grid)[None])
+        self.blocks = nn.ModuleList(Block(Dd, m.decoder_heads, m.mlp_ratio) for _ in range(m.decoder_depth))
+        self.norm = nn.LayerNorm(Dd)
+        self.pred_a = nn.Linear(Dd, p * p * 1)
+        self.pred_v = nn.Linear(Dd, p * p * 3)
+        self.apply(init_weights)
+        for param in (self.mask_token, self.modality_a, self.modality_v):
+            nn.init.normal_(param, std=0.02)
+
+    def _unshuffle(self, kept: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """(B, keep, Dd) kept tokens -> (B, N, Dd) in original order, mask tokens elsewhere."""
+        B, keep, Dd = kept.shape
+        N = ids_restore.shape[1]
+        x = torch.cat([kept, self.mask_token.expand(B, N - keep, -1)], dim=1)
+        return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(B, N, Dd))
+
+    def forward(self, latent: torch.Tensor, keep_a: int, ids_restore_a: torch.Tensor,
+                ids_restore_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent (B, keep_a + keep_v, D) -> predictions (B, Na, p*p) and (B, Nv, p*p*3)."""
+        d = self.embed(latent)
+        a = self._unshuffle(d[:, :keep_a], ids_restore_a) + self.pos_embed_a + self.modality_a
+        v = self._unshuffle(d[:, keep_a:], ids_restore_v) + self.pos_embed_v + self.modality_v
+        x = torch.cat([a, v], dim=1)  # (B, Na + Nv, Dd)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        Na = ids_restore_a.shape[1]
+        return self.pred_a(x[:, :Na]), self.pred_v(x[:, Na:])
+
+
+class TGDPModel(nn.Module):
+    """Encoder + decoder. ``forward`` is the training step of ``cfg.method``."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.encoder = AVEncoder(cfg.model)
+        self.decoder = MAEDecoder(cfg.model)
+
+    # ------------------------------------------------------------------ inference API
+    def forward_features(self, fbank: torch.Tensor, frames: torch.Tensor) -> Features:
+        return self.encoder.forward_features(fbank, frames)
+
+    def encode_audio(self, fbank: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) normalised fbank -> (B, D) L2-normalised audio embeddings."""
+        _check_input(fbank, "fbank", (None, self.cfg.model.audio_frames, self.cfg.model.mel_bins), finite=True)
+        enc = self.encoder
+        return F.normalize(enc.global_feature(enc.specific(enc.embed_audio(fbank), "a"), "a")[0], dim=-1)
+
+    def encode_visual(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised frames -> (B, D) L2-normalised visual embeddings."""
+        size = self.cfg.model.image_size
+        _check_input(frames, "frames", (None, 3, size, size), finite=True)
+        enc = self.encoder
+        return F.normalize(enc.global_feature(enc.specific(enc.embed_visual(frames), "v"), "v")[0], dim=-1)
+
+    # ------------------------------------------------------------------ training step
+    def forward(self, fbank: torch.Tensor, frames: torch.Tensor, guide: Guide | None = None,
+                generator: torch.Generator | None = None) -> StepOutput:
+        """One training step's losses.
+
+        fbank (B, T, F), frames (B, 3, H, W). For ``tgdp`` pass the teacher's ``guide``
+        (priorities None = random selection, e.g. during the guidance warm-up).
+        ``generator`` makes the random masks repeatable.
+        """
+        cfg, o, enc = self.cfg, self.cfg.objective, self.encoder
+        ea, ev = enc.embed_audio(fbank), enc.embed_visual(frames)
+
+        # Reconstruction view: random masking, concatenated joint pass, decoder (every method).
+        ka, mask_a, restore_a = random_masking(ea, o.rec_mask_ratio, generator)
+        kv, mask_v, restore_v = random_masking(ev, o.rec_mask_ratio, generator)
+        xa, xv = enc.specific(ka, "a"), enc.specific(kv, "v")
+        g = int(cfg.model.global_token)
+        latent = enc.joint_concat(xa[:, g:], xv[:, g:])
+        pred_a, pred_v = self.decoder(latent, ka.shape[1], restore_a, restore_v)
+        p = cfg.model.patch_size
+        target_a = patchify(fbank.transpose(1, 2).unsqueeze(1), p)  # (B, Na, p*p)
+        target_v = patchify(frames, p)  # (B, Nv, p*p*3)
+        parts = {"rec": losses.reconstruction_loss(pred_a, target_a, mask_a, cfg.model.norm_pix_loss)
+                 + losses.reconstruction_loss(pred_v, target_v, mask_v, cfg.model.norm_pix_loss)}
+        masks = {"rec_a": mask_a, "rec_v": mask_v}
+
+        if cfg.method == "tgdp":
+            # Contrastive view: a second pass with its own (guided) selection, no decoder.
+            pa, pv = (guide.priority_a, guide.priority_v) if guide is not None else (None, None)
+            ca, masks["con_a"] = self._contrastive_view(ea, pa, generator)
+            cv, masks["con_v"] = self._contrastive_view(ev, pv, generator)
+            ga, _ = enc.global_feature(enc.specific(ca, "a"), "a")
+            gv, _ = enc.global_feature(enc.specific(cv, "v"), "v")
+            if o.distill_weight > 0:
+                if guide is None:
+                    raise ValueError("method 'tgdp' with distill_weight > 0 needs the teacher's guide")
+                parts["distill"] = losses.distillation_loss(ga, guide.audio) + losses.distillation_loss(gv, guide.visual)
+        else:
+            # Single pass (CAV-MAE Sync / CAV-MAE): the contrastive features of the same masked view.
+            ga, _ = enc.global_feature(xa, "a")
+            gv, _ = enc.global_feature(xv, "v")
+        parts["contrastive"] = losses.info_nce(ga, gv, o.temperature)
+
+        loss = o.rec_weight * parts["rec"] + o.contrastive_weight * parts["contrastive"]
+        if "distill" in parts:
+            loss = loss + o.distill_weight * parts["distill"]
+        return StepOutput(loss, parts, ga, gv, masks)
+
+    def _contrastive_view(self, tokens: torch.Tensor, priority: torch.Tensor | None,
+                          generator: torch.Generator | None):
+        o = self.cfg.objective
+        if o.selection == "guided" and priority is not None:
+            kept, mask, _ = guided_masking(tokens, priority, o.contrastive_mask_ratio)
+        elif o.selection == "probabilistic" and priority is not None:
+            kept, mask, _ = probabilistic_masking(tokens, priority, o.contrastive_mask_ratio, generator)
+        else:
+            kept, mask, _ = random_masking(tokens, o.contrastive_mask_ratio, generator)
+        return kept, mask
+
+
+def build_model(cfg: Config) -> TGDPModel:
+    """The model for ``cfg`` (initialised as in CAV-MAE: xavier linears, N(0, 0.02) tokens)."""
+    return TGDPModel(cfg)

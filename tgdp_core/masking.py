@@ -57,7 +57,7 @@ def probabilistic_masking(x: torch.Tensor, scores: torch.Tensor, ratio: float,
     """
     _check_tokens(x, scores)
     uniform = torch.rand(scores.shape, device=x.device, generator=generator)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+    gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
     keys = scores.float().clamp_min(1e-30).log() + gumbel
     return select(x, torch.argsort(keys, dim=1, descending=True), num_kept(x.shape[1], ratio))
 

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+import tgdp_core as tg
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+@pytest.mark.parametrize("method", ["tgdp", "sync", "cavmae"])
+def test_json_round_trip(name, method):
+    cfg = tg.Config.preset(name, method=method)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert tg.Config.from_dict(data) == cfg
+
+
+def test_overrides_by_keyword_section_and_dotted_name():
+    cfg = tg.Config.preset("tiny", method="sync", model={"embed_dim": 192, "num_heads": 6},
+                           **{"objective.temperature": 0.3, "train.betas": [0.9, 0.98]})
+    assert (cfg.method, cfg.model.embed_dim, cfg.model.num_heads) == ("sync", 192, 6)
+    assert cfg.objective.temperature == 0.3 and cfg.train.betas == (0.9, 0.98)
+    cfg.override("--objective.selection=random", "model.global_token=true", "train.steps=7", "train.betas=[0.8,0.9]")
+    assert (cfg.objective.selection, cfg.model.global_token, cfg.train.steps, cfg.train.betas) == ("random", True, 7, (0.8, 0.9))
+
+
+def test_base_preset_is_the_paper_architecture_and_recipe():
+    cfg = tg.Config.preset("base")
+    m, o = cfg.model, cfg.objective
+    assert (m.embed_dim, m.num_heads, m.specific_depth, m.decoder_dim, m.decoder_depth, m.decoder_heads) == (768, 12, 11, 512, 8, 16)
+    assert (m.num_audio_patches, m.num_visual_patches, m.audio_grid) == (208, 196, (8, 26))
+    assert (o.rec_mask_ratio, o.contrastive_mask_ratio, o.temperature, o.contrastive_weight) == (0.75, 0.5, 0.05, 0.01)
+
+
+def test_cavmae_method_defaults_and_overrides():
+    cfg = tg.Config.preset("base", method="cavmae")
+    assert (cfg.model.global_token, cfg.model.num_registers, cfg.model.audio_frames) == (False, 0, 1024)
+    assert cfg.model.num_audio_patches == 512
+    assert tg.Config.preset("base", method="cavmae", model={"audio_frames": 416}).model.audio_frames == 416
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: tg.Config.preset("huge"), "unknown preset 'huge'; valid presets: base, small, tiny"),
+    (lambda: tg.Config.preset("tiny", method="clip"), "valid methods: tgdp, sync, cavmae"),
+    (lambda: tg.Config.preset("tiny", model={"width": 3}), "unknown field 'width' in model; valid fields: embed_dim"),
+    (lambda: tg.Config.preset("tiny", **{"optim.lr": 1}), "unknown config section 'optim'; valid sections: model"),
+    (lambda: tg.Config.preset("tiny", learning_rate=1), "unknown field 'learning_rate' in config"),
+    (lambda: tg.Config.from_dict({"model": {"depth": 2}}), r"unknown field\(s\) depth in model"),
+    (lambda: tg.Config.preset("tiny", objective={"selection": "topk"}), "selection 'topk' is not one of guided"),
+    (lambda: tg.Config.preset("tiny", objective={"contrastive_mask_ratio": 1.0}), r"mask ratios must lie in \[0, 1\)"),
+    (lambda: tg.Config.preset("tiny", model={"global_token": False}), "needs model.global_token=True"),
+    (lambda: tg.Config.preset("tiny").override("train.steps"), "section.field=value"),
+])
+def test_bad_configs_are_rejected_with_the_valid_names(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -36,3 +36,21 @@ def tiny_batch(cfg, batch=4, generator=None):
 @pytest.fixture
 def tiny_cfg():
     return tg.Config.preset("tiny")
+
+
+class SyntheticAV(torch.utils.data.Dataset):
+    """Deterministic random clips in the training item format of AVDataset: (clip, frame, seed) -> dict."""
+
+    def __init__(self, cfg, clips=16):
+        self.cfg, self.n = cfg, clips
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, item):
+        clip, frame, _ = item
+        g = torch.Generator().manual_seed(clip * 100 + frame)
+        m = self.cfg.model
+        return {"fbank": torch.randn(m.audio_frames, m.mel_bins, generator=g),
+                "frames": torch.randn(3, m.image_size, m.image_size, generator=g),
+                "labels": torch.zeros(0), "index": torch.tensor(clip), "frame": torch.tensor(frame)}

@@ -5,7 +5,7 @@ import torch
 import tgdp_core as tg
 from tgdp_core.masking import patchify
 from tgdp_core.teacher import EMATeacher, momentum_at
-from tgdp_core.train import make_optimizer, make_teacher, train_step
+from tgdp_core.trainer import make_optimizer, make_teacher, train_step
 
 from conftest import tiny_batch
 

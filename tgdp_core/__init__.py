@@ -3,6 +3,7 @@ from . import masking
 from .checkpoint import load_model
 from .config import Config
 from .model import build_model
+from .trainer import train
 
-__all__ = ["Config", "build_model", "load_model", "masking"]
+__all__ = ["Config", "build_model", "load_model", "masking", "train"]
 __version__ = "0.1.0"

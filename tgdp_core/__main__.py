@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from . import prepare
 from .config import METHODS, PRESETS, Config
 
 
@@ -34,7 +35,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_step(args: argparse.Namespace, overrides: list[str]) -> None:
     """A few training steps of the chosen method on random inputs: losses and time per step."""
     from . import build_model
-    from .train import make_optimizer, make_teacher, train_step
+    from .trainer import make_optimizer, make_teacher, train_step
 
     cfg = config_from_args(args, overrides)
     torch.manual_seed(cfg.train.seed)
@@ -57,6 +58,22 @@ def cmd_step(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"step {step}: {parts}  ({took:.2f} s)")
 
 
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Pretrain with tgdp_core.train; resumes when OUT already holds last.pt."""
+    from .trainer import train
+
+    cfg = config_from_args(args, overrides)
+    result = train(cfg, out_dir=args.out, resume=not args.fresh)
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint}\nmetrics: {result.out_dir / 'metrics.jsonl'}")
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise SystemExit(f"error: unrecognised arguments {' '.join(overrides)}")
+    raise SystemExit(prepare.main(args))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tgdp_core", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_step)
+    p = sub.add_parser("train", help="pretrain a model (single process, or under torchrun for DDP)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run folder (default: runs/<time>-<preset>-<method>); resumes if it holds last.pt")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing last.pt in --out")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("prepare", help="videos -> 16 kHz wavs, frames and a CAV-MAE manifest")
+    prepare.add_arguments(p)
+    p.set_defaults(func=cmd_prepare)
     args, overrides = parser.parse_known_args(argv)
     try:
         args.func(args, overrides)

@@ -101,15 +101,52 @@ class TeacherConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the clips come from and how they become model inputs (DESIGN.md, "Backbone")."""
+
+    # CAV-MAE manifests ({"data": [{"video_id", "wav", "video_path", "labels"}]}) and label CSV.
+    # Empty: the built-in AV-Digits benchmark, generated under data/generated on first use.
+    train_manifest: str = ""
+    test_manifest: str = ""
+    label_csv: str = ""
+    sample_rate: int = 16000  # audio is resampled to this rate, mono
+    clip_frames: int = 1024  # fbank frames per clip after pad/crop (10 ms shift: 1024 = 10.24 s)
+    # Video frames per clip; frame i pairs with the audio segment centred at fbank frame
+    # round(i * clip_frames / frames_per_clip) (64 * i for the reference 1024 / 16).
+    frames_per_clip: int = 16
+    fbank_mean: float = -5.081  # AudioSet statistics, also used for VGGSound: (x - mean) / std
+    fbank_std: float = 4.4849
+    # Compute fbanks and resized frames once and memory-map them (turn off for corpora too
+    # large to cache: frames are then decoded per step).
+    cache: bool = True
+    cache_dir: str = ""  # "" = a .tgdp_cache folder beside the manifest
+    workers: int = 2  # loader processes
+    # RandomResizedCrop (scale 0.08-1, ratio 0.9-1.1) + horizontal flip on training frames, the
+    # reference's optional augmentation; off by default (it flips glyphs on AV-Digits).
+    visual_augment: bool = False
+    on_error: str = "raise"  # missing/corrupt clip: "raise" (name the file) or "skip" (and report)
+
+
+@dataclass
 class TrainConfig:
     """Optimiser and run length (CAV-MAE recipe: Adam, wd 5e-7, betas (0.95, 0.999))."""
 
     batch_size: int = 48  # global batch (summed over ranks)
     steps: int = 1000  # optimiser steps in the run
     lr: float = 5e-5  # peak learning rate
+    # Linear warm-up, then cosine decay to zero (MAE's schedule: CAV-MAE's x0.5 every 5
+    # epochs is tied to epochs of 2 M clips, a cosine over steps works at every scale).
+    warmup_steps: int = 100
     weight_decay: float = 5e-7
     betas: tuple[float, float] = (0.95, 0.999)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # "auto": bf16 autocast on CUDA, fp32 on CPU (until bf16 on CPU is shown to train as well);
+    # "bf16" / "fp32" force it.
+    precision: str = "auto"
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda"
+    log_every: int = 10  # steps between metrics.jsonl records (and callbacks)
+    checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # the newest k step checkpoints are kept, besides last.pt
     seed: int = 0
 
 
@@ -120,6 +157,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     # ---------------------------------------------------------------- construction
@@ -201,6 +239,14 @@ class Config:
             problems.append(f"method {self.method!r} needs model.global_token=True (its features are global tokens)")
         if self.method == "cavmae" and m.global_token:
             problems.append("method 'cavmae' pools its patch tokens: set model.global_token=False")
+        if self.train.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"train.precision {self.train.precision!r} is not one of auto, bf16, fp32")
+        if self.train.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"train.device {self.train.device!r} is not one of auto, cpu, cuda")
+        if self.data.on_error not in ("raise", "skip"):
+            problems.append(f"data.on_error {self.data.on_error!r} is not one of raise, skip")
+        if m.audio_frames > self.data.clip_frames:
+            problems.append(f"model.audio_frames={m.audio_frames} exceeds data.clip_frames={self.data.clip_frames}")
         if not 0.0 <= self.teacher.momentum_start <= self.teacher.momentum_end <= 1.0:
             problems.append("teacher momentum must satisfy 0 <= momentum_start <= momentum_end <= 1")
         if problems:
@@ -280,16 +326,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": dict(embed_dim=128, num_heads=4, specific_depth=2, decoder_dim=64, decoder_depth=1,
                       decoder_heads=4, image_size=96, mel_bins=64, audio_frames=192, num_registers=4),
         "objective": dict(temperature=0.2),
-        "train": dict(batch_size=32, lr=5e-4, steps=300),
+        # the AV-Digits layout: 5.12 s clips, 8 frames, one every 0.64 s
+        "data": dict(clip_frames=512, frames_per_clip=8),
+        "train": dict(batch_size=32, lr=5e-4, steps=300, warmup_steps=30, checkpoint_every=100),
     },
 }
 
 
 def _method_defaults_cavmae(cfg: Config) -> dict[str, Any]:
-    # CAV-MAE: mean-pooled features, no global or register tokens, the whole 10 s clip
-    # (1024 fbank frames at `base`; the same 1024/416 ratio, rounded to patches, elsewhere).
-    frames = round(cfg.model.audio_frames * 1024 / 416 / cfg.model.patch_size) * cfg.model.patch_size
-    return {"model.global_token": False, "model.num_registers": 0, "model.audio_frames": frames}
+    # CAV-MAE: mean-pooled features, no global or register tokens, and the whole clip's audio
+    # (1024 fbank frames = 10 s at `base`) instead of one segment aligned to a frame.
+    return {"model.global_token": False, "model.num_registers": 0, "model.audio_frames": cfg.data.clip_frames}
 
 
 METHOD_DEFAULTS = {

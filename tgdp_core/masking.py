@@ -34,10 +34,16 @@ def select(x: torch.Tensor, ids_shuffle: torch.Tensor, keep: int):
     return kept, mask, ids_restore
 
 
-def random_masking(x: torch.Tensor, ratio: float, generator: torch.Generator | None = None):
-    """Keep a uniformly random subset of int(N * (1 - ratio)) tokens per sample."""
+def random_masking(x: torch.Tensor, ratio: float, generator: torch.Generator | None = None,
+                   rows: tuple[int, int] | None = None):
+    """Keep a uniformly random subset of int(N * (1 - ratio)) tokens per sample.
+
+    ``rows=(offset, total)``: this batch is rows offset..offset+B of a global batch of
+    ``total`` (one rank's share under DDP); the noise is drawn for the whole global batch and
+    sliced, so every sample gets the mask it would get in a single process.
+    """
     _check_tokens(x)
-    noise = torch.rand(x.shape[:2], device=x.device, generator=generator)
+    noise = _uniform(x.shape[:2], x.device, generator, rows)
     return select(x, torch.argsort(noise, dim=1), num_kept(x.shape[1], ratio))
 
 
@@ -49,17 +55,26 @@ def guided_masking(x: torch.Tensor, scores: torch.Tensor, ratio: float):
 
 
 def probabilistic_masking(x: torch.Tensor, scores: torch.Tensor, ratio: float,
-                          generator: torch.Generator | None = None):
+                          generator: torch.Generator | None = None, rows: tuple[int, int] | None = None):
     """Sample tokens without replacement with probability proportional to ``scores``.
 
     Gumbel top-k: adding Gumbel noise to log-scores and taking the top-k draws k items
     sequentially without replacement in proportion to the scores.
     """
     _check_tokens(x, scores)
-    uniform = torch.rand(scores.shape, device=x.device, generator=generator)
+    uniform = _uniform(scores.shape, x.device, generator, rows)
     gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
     keys = scores.float().clamp_min(1e-30).log() + gumbel
     return select(x, torch.argsort(keys, dim=1, descending=True), num_kept(x.shape[1], ratio))
+
+
+def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None,
+             rows: tuple[int, int] | None) -> torch.Tensor:
+    """U[0, 1) noise of ``shape`` (B, N), or rows offset..offset+B of noise for (total, N)."""
+    if rows is None:
+        return torch.rand(shape, device=device, generator=generator)
+    offset, total = rows
+    return torch.rand((total, shape[1]), device=device, generator=generator)[offset:offset + shape[0]]
 
 
 def _check_tokens(x: torch.Tensor, scores: torch.Tensor | None = None) -> None:

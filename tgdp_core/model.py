@@ -238,19 +238,20 @@ class TGDPModel(nn.Module):
 
     # ------------------------------------------------------------------ training step
     def forward(self, fbank: torch.Tensor, frames: torch.Tensor, guide: Guide | None = None,
-                generator: torch.Generator | None = None) -> StepOutput:
+                generator: torch.Generator | None = None, rows: tuple[int, int] | None = None) -> StepOutput:
         """One training step's losses.
 
         fbank (B, T, F), frames (B, 3, H, W). For ``tgdp`` pass the teacher's ``guide``
         (priorities None = random selection, e.g. during the guidance warm-up).
-        ``generator`` makes the random masks repeatable.
+        ``generator`` makes the random masks repeatable; ``rows=(offset, global_batch)`` says
+        which rows of the global batch this rank holds, so its masks match a single process.
         """
         cfg, o, enc = self.cfg, self.cfg.objective, self.encoder
         ea, ev = enc.embed_audio(fbank), enc.embed_visual(frames)
 
         # Reconstruction view: random masking, concatenated joint pass, decoder (every method).
-        ka, mask_a, restore_a = random_masking(ea, o.rec_mask_ratio, generator)
-        kv, mask_v, restore_v = random_masking(ev, o.rec_mask_ratio, generator)
+        ka, mask_a, restore_a = random_masking(ea, o.rec_mask_ratio, generator, rows)
+        kv, mask_v, restore_v = random_masking(ev, o.rec_mask_ratio, generator, rows)
         xa, xv = enc.specific(ka, "a"), enc.specific(kv, "v")
         g = int(cfg.model.global_token)
         latent = enc.joint_concat(xa[:, g:], xv[:, g:])
@@ -265,8 +266,8 @@ class TGDPModel(nn.Module):
         if cfg.method == "tgdp":
             # Contrastive view: a second pass with its own (guided) selection, no decoder.
             pa, pv = (guide.priority_a, guide.priority_v) if guide is not None else (None, None)
-            ca, masks["con_a"] = self._contrastive_view(ea, pa, generator)
-            cv, masks["con_v"] = self._contrastive_view(ev, pv, generator)
+            ca, masks["con_a"] = self._contrastive_view(ea, pa, generator, rows)
+            cv, masks["con_v"] = self._contrastive_view(ev, pv, generator, rows)
             ga, _ = enc.global_feature(enc.specific(ca, "a"), "a")
             gv, _ = enc.global_feature(enc.specific(cv, "v"), "v")
             if o.distill_weight > 0:
@@ -285,14 +286,14 @@ class TGDPModel(nn.Module):
         return StepOutput(loss, parts, ga, gv, masks)
 
     def _contrastive_view(self, tokens: torch.Tensor, priority: torch.Tensor | None,
-                          generator: torch.Generator | None):
+                          generator: torch.Generator | None, rows: tuple[int, int] | None):
         o = self.cfg.objective
         if o.selection == "guided" and priority is not None:
             kept, mask, _ = guided_masking(tokens, priority, o.contrastive_mask_ratio)
         elif o.selection == "probabilistic" and priority is not None:
-            kept, mask, _ = probabilistic_masking(tokens, priority, o.contrastive_mask_ratio, generator)
+            kept, mask, _ = probabilistic_masking(tokens, priority, o.contrastive_mask_ratio, generator, rows)
         else:
-            kept, mask, _ = random_masking(tokens, o.contrastive_mask_ratio, generator)
+            kept, mask, _ = random_masking(tokens, o.contrastive_mask_ratio, generator, rows)
         return kept, mask
 
 

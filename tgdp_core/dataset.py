@@ -1,0 +1,339 @@
+"""Manifest datasets, frame/segment alignment, the feature cache and the loaders.
+
+A clip of a CAV-MAE manifest has one wav and ``frames_per_clip`` frames
+(``video_path/frame_{i}/{video_id}.jpg``). Sync and TG-DP train on one frame per clip and step,
+paired with the fbank segment centred on it (DESIGN.md): frame i sits at fbank frame
+``round(i * clip_frames / frames_per_clip)`` and its segment is ``audio_frames`` long, shifted
+back to fit inside the clip. Evaluation uses every frame with its segment.
+
+The feature cache computes each clip's normalised fbank (float16) and resized frames (uint8)
+once and memory-maps them, so a training step reads a few kilobytes instead of decoding a wav
+and a JPEG; it is keyed by the manifest's content and the settings that shape the features.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from . import media
+from .config import Config
+
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------------- manifests and labels
+@dataclass(frozen=True)
+class Clip:
+    video_id: str
+    wav: str
+    video_path: str  # frame root: frames are video_path/frame_{i}/{video_id}.jpg
+    labels: tuple[str, ...]  # label mids
+
+    def frame_path(self, i: int) -> str:
+        return os.path.join(self.video_path, f"frame_{i}", f"{self.video_id}.jpg")
+
+
+def read_manifest(path: str | Path) -> list[Clip]:
+    """Clips of a CAV-MAE manifest JSON; a malformed file or entry raises naming both."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such manifest (make one with `python -m tgdp_core prepare VIDEOS OUT`)")
+    try:
+        entries = json.loads(path.read_text())["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a CAV-MAE manifest ({{\"data\": [...]}} expected): {err}") from err
+    clips = []
+    for n, e in enumerate(entries):
+        missing = [k for k in ("video_id", "wav", "video_path") if k not in e]
+        if missing:
+            raise ValueError(f"{path}: entry {n} lacks {', '.join(missing)}")
+        labels = tuple(s.strip() for s in str(e.get("labels", "")).split(",") if s.strip())
+        clips.append(Clip(str(e["video_id"]), str(e["wav"]), str(e["video_path"]), labels))
+    if not clips:
+        raise ValueError(f"{path}: the manifest holds no clips")
+    return clips
+
+
+def read_label_csv(path: str | Path) -> tuple[dict[str, int], list[str]]:
+    """(mid -> index, display names by index) from an ``index,mid,display_name`` CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected a CSV with columns index,mid,display_name")
+    index = {r["mid"]: int(r["index"]) for r in rows}
+    names = [""] * (max(index.values()) + 1)
+    for r in rows:
+        names[int(r["index"])] = r["display_name"]
+    return index, names
+
+
+def label_csv_for(cfg: Config, manifest: str | Path) -> Path | None:
+    """The configured label CSV, else ``labels.csv`` beside the manifest, else None."""
+    if cfg.data.label_csv:
+        return Path(cfg.data.label_csv)
+    beside = Path(manifest).parent / "labels.csv"
+    return beside if beside.exists() else None
+
+
+def multi_hot(clips: list[Clip], label_index: dict[str, int] | None) -> torch.Tensor:
+    """(N, C) float multi-hot labels; (N, 0) without a label CSV."""
+    if label_index is None:
+        return torch.zeros(len(clips), 0)
+    out = torch.zeros(len(clips), max(label_index.values()) + 1)
+    for n, clip in enumerate(clips):
+        for mid in clip.labels:
+            if mid not in label_index:
+                raise ValueError(f"clip {clip.video_id}: label {mid!r} is not in the label CSV")
+            out[n, label_index[mid]] = 1
+    return out
+
+
+# ---------------------------------------------------------------------- alignment
+def segment_bounds(frame: int, frames_per_clip: int, clip_frames: int, segment_frames: int) -> tuple[int, int]:
+    """[start, end) fbank frames of the segment aligned to video frame ``frame``.
+
+    Centred at round(frame * clip_frames / frames_per_clip), shifted back to fit the clip.
+    """
+    centre = int(round(frame * clip_frames / frames_per_clip))
+    start = max(0, centre - segment_frames // 2)
+    end = start + segment_frames
+    if end > clip_frames:
+        end = clip_frames
+        start = max(0, end - segment_frames)
+    return start, end
+
+
+# ---------------------------------------------------------------------- clip decoding
+class ClipReader:
+    """Decodes one clip into model-ready arrays: fbank (clip_frames, F) and frames (K, S, S, 3) uint8."""
+
+    def __init__(self, cfg: Config):
+        self.d, self.m = cfg.data, cfg.model
+
+    def fbank(self, clip: Clip) -> torch.Tensor:
+        wave = media.read_audio(clip.wav, self.d.sample_rate)
+        return media.fbank(wave, self.d.sample_rate, self.m.mel_bins, self.d.clip_frames,
+                           mean=self.d.fbank_mean, std=self.d.fbank_std)
+
+    def frame(self, clip: Clip, i: int) -> np.ndarray:
+        return media.load_frame(clip.frame_path(i), self.m.image_size)
+
+    def frames(self, clip: Clip) -> np.ndarray:
+        return np.stack([self.frame(clip, i) for i in range(self.d.frames_per_clip)])
+
+
+# ---------------------------------------------------------------------- feature cache
+class FeatureCache:
+    """Memory-mapped fbanks (N, clip_frames, F) float16 and frames (N, K, S, S, 3) uint8."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.fbank = np.load(folder / "fbank.npy", mmap_mode="r")
+        self.frames = np.load(folder / "frames.npy", mmap_mode="r")
+        self.failed: dict[int, str] = {int(k): v for k, v in self.meta["failed"].items()}
+
+    @staticmethod
+    def key(clips: list[Clip], cfg: Config) -> str:
+        """Hash of the clips and every setting that shapes the cached arrays."""
+        d, m = cfg.data, cfg.model
+        settings = [CACHE_VERSION, d.sample_rate, d.clip_frames, d.frames_per_clip, d.fbank_mean, d.fbank_std,
+                    m.mel_bins, m.image_size]
+        digest = hashlib.sha256(json.dumps(settings).encode())
+        for c in clips:
+            digest.update(f"{c.video_id}\0{c.wav}\0{c.video_path}\n".encode())
+        return digest.hexdigest()[:16]
+
+    @classmethod
+    def open_or_build(cls, clips: list[Clip], cfg: Config, folder: str | Path, desc: str = "caching") -> "FeatureCache":
+        folder = Path(folder) / cls.key(clips, cfg)
+        if not (folder / "meta.json").exists():
+            cls._build(clips, cfg, folder, desc)
+        return cls(folder)
+
+    @staticmethod
+    def _build(clips: list[Clip], cfg: Config, folder: Path, desc: str) -> None:
+        d, m = cfg.data, cfg.model
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        S = m.image_size
+        fb = np.lib.format.open_memmap(tmp / "fbank.npy", "w+", np.float16, (len(clips), d.clip_frames, m.mel_bins))
+        fr = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (len(clips), d.frames_per_clip, S, S, 3))
+        failed: dict[int, str] = {}
+        loader = DataLoader(_DecodeAll(clips, ClipReader(cfg)), batch_size=None, num_workers=d.workers,
+                            shuffle=False, persistent_workers=False)
+        for n, (fbank, frames, error) in enumerate(tqdm(loader, total=len(clips), desc=desc, unit="clip")):
+            if error:
+                if d.on_error == "raise":
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise media.MediaError(error + " (set data.on_error=skip to leave such clips out)")
+                failed[n] = error
+                continue
+            fb[n] = fbank.numpy()
+            fr[n] = frames
+        fb.flush()
+        fr.flush()
+        del fb, fr
+        meta = {"version": CACHE_VERSION, "clips": len(clips), "failed": {str(k): v for k, v in failed.items()},
+                "settings": cfg.data.__dict__ | {"mel_bins": m.mel_bins, "image_size": S}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, folder)  # atomic: a half-built cache is never found under the key
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _DecodeAll(Dataset):
+    def __init__(self, clips: list[Clip], reader: ClipReader):
+        self.clips, self.reader = clips, reader
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, n: int):
+        try:
+            return self.reader.fbank(self.clips[n]).half(), self.reader.frames(self.clips[n]), ""
+        except (media.MediaError, OSError, ValueError) as err:
+            return torch.zeros(0), np.zeros(0, np.uint8), f"{self.clips[n].video_id}: {err}"
+
+
+# ---------------------------------------------------------------------- datasets
+class AVDataset(Dataset):
+    """Clips of one manifest as model inputs.
+
+    Training items are ``(clip, frame, seed)`` triples from ``StepSampler`` and give
+        {"fbank": (T, F), "frames": (3, S, S), "labels": (C,), "index": (), "frame": ()};
+    evaluation items are clip indices and give every frame with its segment,
+        {"fbank": (K, T, F), "frames": (K, 3, S, S), "labels": (C,), "index": ()}.
+    """
+
+    def __init__(self, manifest: str | Path, cfg: Config, train: bool, cache_dir: str | Path | None = None):
+        self.cfg, self.train = cfg, train
+        self.clips = read_manifest(manifest)
+        label_csv = label_csv_for(cfg, manifest)
+        self.label_index, self.label_names = read_label_csv(label_csv) if label_csv else (None, [])
+        self.labels = multi_hot(self.clips, self.label_index)
+        self.reader = ClipReader(cfg)
+        self.cache = None
+        if cfg.data.cache:
+            folder = cache_dir or cfg.data.cache_dir or Path(manifest).parent / ".tgdp_cache"
+            self.cache = FeatureCache.open_or_build(self.clips, cfg, folder, desc=f"caching {Path(manifest).name}")
+        failed = self.cache.failed if self.cache else {}
+        self.valid = [n for n in range(len(self.clips)) if n not in failed]
+        self.skipped = {self.clips[n].video_id: reason for n, reason in failed.items()}
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def _fbank(self, n: int) -> torch.Tensor:
+        if self.cache is not None:
+            return torch.from_numpy(np.asarray(self.cache.fbank[n], dtype=np.float32))
+        return self.reader.fbank(self.clips[n])
+
+    def _frame(self, n: int, i: int) -> np.ndarray:
+        return np.asarray(self.cache.frames[n, i]) if self.cache is not None else self.reader.frame(self.clips[n], i)
+
+    def __getitem__(self, item):
+        d, T = self.cfg.data, self.cfg.model.audio_frames
+        if self.train:
+            pos, frame, seed = item
+            n = self.valid[pos]
+            start, end = segment_bounds(frame, d.frames_per_clip, d.clip_frames, T)
+            image = torch.from_numpy(self._frame(n, frame).copy())  # (S, S, 3) uint8
+            if d.visual_augment:
+                image = random_resized_crop_flip(image, torch.Generator().manual_seed(seed))
+            return {"fbank": self._fbank(n)[start:end], "frames": media.normalize_frames(image),
+                    "labels": self.labels[n], "index": torch.tensor(n), "frame": torch.tensor(frame)}
+        n = self.valid[item]
+        fbank = self._fbank(n)
+        bounds = [segment_bounds(i, d.frames_per_clip, d.clip_frames, T) for i in range(d.frames_per_clip)]
+        frames = np.stack([self._frame(n, i) for i in range(d.frames_per_clip)])
+        return {"fbank": torch.stack([fbank[s:e] for s, e in bounds]),
+                "frames": media.normalize_frames(torch.from_numpy(frames)),
+                "labels": self.labels[n], "index": torch.tensor(n)}
+
+
+def random_resized_crop_flip(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(S, S, 3) uint8 -> same size: a random crop of 8-100 % area, aspect 0.9-1.1, resized back, 50 % flip."""
+    S = image.shape[0]
+    area = S * S * (0.08 + 0.92 * torch.rand((), generator=generator).item())
+    aspect = float(np.exp(np.log(0.9) + (np.log(1.1) - np.log(0.9)) * torch.rand((), generator=generator).item()))
+    h = min(S, max(1, int(round((area / aspect) ** 0.5))))
+    w = min(S, max(1, int(round((area * aspect) ** 0.5))))
+    top = int(torch.randint(0, S - h + 1, (), generator=generator))
+    left = int(torch.randint(0, S - w + 1, (), generator=generator))
+    crop = image[top:top + h, left:left + w].permute(2, 0, 1)[None].float()  # (1, 3, h, w)
+    out = F.interpolate(crop, size=(S, S), mode="bicubic", align_corners=False)[0]
+    if torch.rand((), generator=generator) < 0.5:
+        out = out.flip(-1)
+    return out.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+# ---------------------------------------------------------------------- sampling and loaders
+class StepSampler(Sampler):
+    """Batches of (clip, frame, seed) for steps ``start_step .. total_steps - 1``; a pure function of the step.
+
+    The global batch of step s is a slice of the seeded permutation of its epoch, each sample
+    with a random frame and an augmentation seed; rank r takes its contiguous share. Resuming
+    at step s therefore sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, num_clips: int, frames_per_clip: int, global_batch: int, seed: int,
+                 start_step: int, total_steps: int, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} ranks")
+        self.n, self.k, self.batch, self.seed = num_clips, frames_per_clip, global_batch, seed
+        self.start, self.total, self.rank, self.world = start_step, total_steps, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def batch_at(self, step: int) -> list[tuple[int, int, int]]:
+        positions = range(step * self.batch, (step + 1) * self.batch)
+        clips = self._clips(positions)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * step + 1)
+        frames = torch.randint(0, self.k, (self.batch,), generator=g).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (self.batch,), generator=g).tolist()
+        share = self.batch // self.world
+        lo = self.rank * share
+        return list(zip(clips[lo:lo + share], frames[lo:lo + share], seeds[lo:lo + share]))
+
+    def _clips(self, positions: range) -> list[int]:
+        out, cached_epoch, perm = [], None, None
+        for p in positions:
+            epoch = p // self.n
+            if epoch != cached_epoch:
+                cached_epoch, perm = epoch, self._permutation(epoch)
+            out.append(int(perm[p % self.n]))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        for step in range(self.start, self.total):
+            yield self.batch_at(step)
+
+
+def train_loader(dataset: AVDataset, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    sampler = StepSampler(len(dataset), cfg.data.frames_per_clip, cfg.train.batch_size, cfg.train.seed,
+                          start_step, cfg.train.steps, rank, world)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
+                      persistent_workers=cfg.data.workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def eval_loader(dataset: AVDataset, batch_size: int = 16, workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

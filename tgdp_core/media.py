@@ -1,0 +1,334 @@
+"""Decoding and input features: audio (soundfile, PyAV), Kaldi fbank, frames, clip extraction.
+
+The formats follow CAV-MAE / CAV-MAE Sync (DESIGN.md, "Backbone" and "Data formats"):
+
+    read_audio(path)           -> (T,)               float32 mono waveform at 16 kHz
+    fbank(waveform)            -> (1024, 128)        normalised log-mel filterbank
+    load_frame(path, 224)      -> (224, 224, 3)      uint8 RGB, bicubic resize + centre crop
+    normalize_frames(frames)   -> (..., 3, H, W)     float32, ImageNet mean/std
+    extract_clip(video, out, video_id)               writes out/audio/{id}.wav (16 kHz mono
+                                                     PCM16, exactly 10 s) and 16 frames
+                                                     out/frames/frame_{i}/{id}.jpg
+
+Every failure to read an input raises MediaError, whose message names the file and the reason.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import av
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from PIL import Image
+
+# AudioSet fbank statistics (CAV-MAE); also used for VGGSound (DESIGN.md).
+FBANK_MEAN = -5.081
+FBANK_STD = 4.4849
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FRAME_LENGTH_MS = 25.0
+FRAME_SHIFT_MS = 10.0
+JPEG_QUALITY = 90
+# A file whose decodable content ends this much before the duration its header declares is
+# truncated (e.g. a WebM cut short still declares the full length and decodes to the cut).
+TRUNCATION_TOLERANCE_S = 0.5
+
+
+class MediaError(ValueError):
+    """An input file that cannot be used.
+
+    MediaError(path, reason, hint=None) reads "<path>: <reason> (<hint>)" and keeps ``path`` and
+    ``reason`` (hint included) apart for reports; MediaError(message), the plain ValueError
+    form, takes a message that already names the file (``path`` is then None).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None, hint: str | None = None):
+        if reason is None:
+            self.path, self.reason = None, str(path)
+        else:
+            self.path, self.reason = str(path), reason if hint is None else f"{reason} ({hint})"
+        super().__init__(self.reason if self.path is None else f"{self.path}: {self.reason}")
+
+    def __reduce__(self):
+        # Rebuilt from (path, reason), not from the joined message, when sent between processes.
+        return type(self), (self.reason,) if self.path is None else (self.path, self.reason)
+
+
+# ---------------------------------------------------------------------------------- audio
+def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> torch.Tensor:
+    """Read an audio file as a mono float32 waveform (T,) at ``sample_rate``.
+
+    Channels are averaged (not summed, so the result stays within [-1, 1]); other rates are
+    resampled with torchaudio's windowed-sinc resampler.
+    """
+    _check_file(path)
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
+    except sf.SoundFileError as err:
+        raise MediaError(path, f"unreadable or corrupt audio file: {err}",
+                         "soundfile reads WAV/FLAC/OGG/MP3; extract audio from videos with "
+                         "`python -m tgdp_core prepare`") from None
+    if data.shape[0] == 0:
+        raise MediaError(path, "audio file is empty (0 samples)")
+    if not np.isfinite(data).all():
+        raise MediaError(path, "audio contains NaN or infinite samples")
+    waveform = torch.from_numpy(data.mean(axis=1))  # (T,)
+    if rate != sample_rate:
+        waveform = torchaudio.functional.resample(waveform, rate, sample_rate)
+    return waveform
+
+
+def fbank(waveform: torch.Tensor, sample_rate: int = 16000, mel_bins: int = 128, num_frames: int = 1024,
+          mean: float = FBANK_MEAN, std: float = FBANK_STD) -> torch.Tensor:
+    """Normalised Kaldi log-mel filterbank of a mono waveform (T,) -> (num_frames, mel_bins).
+
+    The CAV-MAE recipe: remove the waveform mean, 25 ms Hanning windows every 10 ms, no dither,
+    no energy; zero-pad or crop (from the start) to ``num_frames``, then (x - mean) / std.
+    Padding happens before normalisation, so padded frames hold -mean / std, as in CAV-MAE.
+    """
+    if waveform.ndim != 1:
+        raise ValueError(f"expected a mono waveform of shape (T,), got {tuple(waveform.shape)}")
+    window = int(sample_rate * FRAME_LENGTH_MS / 1000)
+    if waveform.shape[0] < window:
+        raise ValueError(f"waveform of {waveform.shape[0]} samples is shorter than one "
+                         f"{FRAME_LENGTH_MS:g} ms fbank window ({window} samples at {sample_rate} Hz)")
+    waveform = waveform.float() - waveform.float().mean()
+    features = torchaudio.compliance.kaldi.fbank(
+        waveform[None], htk_compat=True, sample_frequency=sample_rate, use_energy=False,
+        window_type="hanning", num_mel_bins=mel_bins, dither=0.0, frame_shift=FRAME_SHIFT_MS,
+        frame_length=FRAME_LENGTH_MS)  # (frames, mel_bins)
+    missing = num_frames - features.shape[0]
+    if missing > 0:
+        features = torch.nn.functional.pad(features, (0, 0, 0, missing))
+    features = features[:num_frames]  # (num_frames, mel_bins)
+    return (features - mean) / std
+
+
+# --------------------------------------------------------------------------------- frames
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is ``size``, then a centred size x size crop."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_frame(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """An image file as uint8 RGB (image_size, image_size, 3): bicubic resize + centre crop."""
+    _check_file(path)
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")  # forces the decode, so truncated files fail here
+    except (OSError, Image.DecompressionBombError) as err:
+        raise MediaError(path, f"unreadable or corrupt image: {err}") from None
+    return np.asarray(resize_center_crop(rgb, image_size))
+
+
+def normalize_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 RGB frames (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1], ImageNet-normalised."""
+    frames = torch.as_tensor(frames)
+    if frames.dtype != torch.uint8 or frames.ndim < 3 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames of shape (..., H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    x = frames.movedim(-1, -3).float() / 255.0  # (..., 3, H, W)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+# ------------------------------------------------------------------------ clip extraction
+def clip_paths(out_dir: str | os.PathLike, video_id: str, num_frames: int = 16) -> tuple[Path, list[Path]]:
+    """Where extract_clip writes a clip: (out/audio/{id}.wav, [out/frames/frame_{i}/{id}.jpg])."""
+    out = Path(out_dir)
+    frames = [out / "frames" / f"frame_{i}" / f"{video_id}.jpg" for i in range(num_frames)]
+    return out / "audio" / f"{video_id}.wav", frames
+
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temporary name in the same folder and os.replace, so readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def extract_clip(video_path: str | os.PathLike, out_dir: str | os.PathLike, video_id: str, num_frames: int = 16,
+                 seconds: float = 10.0, sample_rate: int = 16000, frame_size: int = 224) -> dict[str, Any]:
+    """Decode one video into the CAV-MAE layout under ``out_dir``.
+
+    Audio: mono (channels averaged) at ``sample_rate``, zero-padded or cut to exactly
+    ``seconds``, 16-bit PCM WAV at out/audio/{video_id}.wav.
+    Frames: the frame on screen at t_i = i * seconds / num_frames (i < num_frames), resized and
+    centre-cropped to frame_size, JPEG (quality 90) at out/frames/frame_{i}/{video_id}.jpg.
+    Past the end of a short video the last frame is repeated. Times count from the
+    container's start, so audio and frames stay aligned when one stream starts late.
+    Each file is written under a temporary name and renamed into place, so an interrupted
+    run never leaves a partial file under a final name.
+
+    Returns {"video_id", "wav", "video_path" (the frame root out/frames), "frames" (paths),
+    "audio_seconds" (real audio before padding, at most ``seconds``), "padded_frames" (how
+    many of the frames repeat the last one because the video ended)}.
+    Raises MediaError for missing, empty, corrupt or truncated files and for files without an
+    audio or a video stream.
+    """
+    if num_frames < 1 or frame_size < 1 or not seconds > 0:
+        raise ValueError(f"num_frames ({num_frames}), frame_size ({frame_size}) and seconds ({seconds}) "
+                         "must be positive")
+    _check_file(video_path)
+    try:
+        container = av.open(str(video_path))
+    except OSError as err:  # PyAV's permission and not-found errors are OSErrors too
+        raise MediaError(video_path, f"cannot be read ({_why(err)})") from None
+    except av.error.FFmpegError as err:
+        raise MediaError(video_path, f"corrupt, truncated or not a video: FFmpeg cannot open it "
+                                     f"({_why(err)})") from None
+    with container:
+        if not container.streams.video:
+            raise MediaError(video_path, "no video stream")
+        if not container.streams.audio:
+            raise MediaError(video_path, "no audio stream", "tgdp needs audio and frames from every clip")
+        try:
+            audio, rate, picker = _decode(container, num_frames, seconds, frame_size)
+        except av.error.FFmpegError as err:
+            raise MediaError(video_path, f"corrupt or truncated: decoding failed ({_why(err)})") from None
+    if rate == 0:
+        raise MediaError(video_path, "the audio stream decodes to no samples (zero duration)")
+    if not picker.chosen:
+        raise MediaError(video_path, "the video stream decodes to no frames (zero duration)")
+
+    audio_seconds = len(audio) / rate
+    waveform = torch.from_numpy(audio)
+    if rate != sample_rate:
+        waveform = torchaudio.functional.resample(waveform, rate, sample_rate)
+    length = round(seconds * sample_rate)
+    waveform = torch.nn.functional.pad(waveform, (0, max(0, length - waveform.shape[0])))[:length]
+    # Resampling can overshoot full scale slightly; clip so the 16-bit conversion cannot wrap.
+    pcm = waveform.clamp(-1.0, 1.0).numpy()
+
+    wav_path, frame_paths = clip_paths(out_dir, video_id, num_frames)
+    for image, path in zip(picker.chosen, frame_paths):
+        write_atomic(path, lambda tmp, image=image: image.save(tmp, format="JPEG", quality=JPEG_QUALITY))
+    write_atomic(wav_path, lambda tmp: sf.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV"))
+    return {
+        "video_id": video_id,
+        "wav": str(wav_path),
+        "video_path": str(Path(out_dir) / "frames"),
+        "frames": [str(p) for p in frame_paths],
+        "audio_seconds": audio_seconds,
+        "padded_frames": picker.padded,
+    }
+
+
+class _FramePicker:
+    """Chooses, for each target time, the frame on screen then (the last one starting at or before it)."""
+
+    def __init__(self, targets: list[float], size: int):
+        self.targets, self.size = targets, size
+        self.chosen: list[Image.Image] = []
+        self.padded = 0  # targets past the end of the video, filled with its last frame
+        self.last: av.VideoFrame | None = None
+        self.last_image: Image.Image | None = None  # self.last converted, once however often chosen
+
+    @property
+    def done(self) -> bool:
+        return len(self.chosen) == len(self.targets)
+
+    def feed(self, frame: av.VideoFrame, t: float) -> None:
+        if self.last is None:
+            self.last = frame  # targets before the first frame (a late-starting video) get it
+        # 1 ms slack: container timestamps are rounded to their time base.
+        while not self.done and t > self.targets[len(self.chosen)] + 1e-3:
+            self._choose_last()
+        if self.last is not frame:
+            self.last, self.last_image = frame, None
+
+    def finish(self) -> list[Image.Image]:
+        """The chosen frames; targets past the end of the video repeat the last frame."""
+        while self.last is not None and not self.done:
+            self._choose_last()
+            self.padded += 1
+        return self.chosen
+
+    def _choose_last(self) -> None:
+        if self.last_image is None:
+            self.last_image = resize_center_crop(self.last.to_image(), self.size)
+        self.chosen.append(self.last_image)
+
+
+def _decode(container: av.container.InputContainer, num_frames: int, seconds: float,
+            frame_size: int) -> tuple[np.ndarray, int, _FramePicker]:
+    """One demux pass over the best audio and video streams, stopping once both are covered.
+
+    Returns (mono audio (S,) float32 at its native rate, at most ``seconds`` of it; that rate,
+    0 if the stream decoded to nothing; the frame picker, finished).
+    """
+    video, audio = container.streams.best("video"), container.streams.best("audio")
+    origin = (container.start_time or 0) / av.time_base  # seconds; the earliest stream start
+    picker = _FramePicker([i * seconds / num_frames for i in range(num_frames)], frame_size)
+    resampler: av.AudioResampler | None = None
+    chunks: list[np.ndarray] = []
+    have = need = rate = 0
+    video_end = audio_end = 0.0
+    for packet in container.demux(video, audio):
+        for frame in packet.decode():  # the final empty packet of each stream flushes its decoder
+            if frame.time is None:
+                continue  # a frame without a timestamp cannot be placed on the clip's timeline
+            t = frame.time - origin
+            if isinstance(frame, av.VideoFrame):
+                picker.feed(frame, t)
+                video_end = max(video_end, t + (float(frame.duration * frame.time_base) if frame.duration else 0.0))
+            elif resampler is None or have < need:
+                if resampler is None:
+                    # Format conversion only: rate and layout stay those of the first frame, so
+                    # a mid-stream change of either is converted, not concatenated as is.
+                    resampler, rate = av.AudioResampler(format="fltp"), frame.sample_rate
+                    need = round(seconds * rate)
+                    lead = round(max(0.0, t) * rate)  # audio starting late: silence before it
+                    chunks.append(np.zeros(lead, np.float32))
+                    have = lead
+                for converted in resampler.resample(frame):
+                    mono = converted.to_ndarray().mean(axis=0)  # (C, n) -> (n,)
+                    chunks.append(mono)
+                    have += len(mono)
+                audio_end = have / rate
+        if picker.done and have >= need > 0:
+            break  # both streams cover `seconds`
+    else:
+        _check_complete(container, max(video_end, audio_end), seconds)
+    samples = np.concatenate(chunks)[:need] if chunks else np.zeros(0, np.float32)
+    picker.finish()
+    return samples.astype(np.float32), rate, picker
+
+
+def _check_complete(container: av.container.InputContainer, decoded: float, seconds: float) -> None:
+    """Raise MediaError when decoding ended well before the duration the header declares."""
+    if container.duration is None:
+        return  # nothing declared (e.g. a live recording): trust what decodes
+    declared = container.duration / av.time_base
+    if decoded + TRUNCATION_TOLERANCE_S < min(declared, seconds):
+        raise MediaError(container.name, f"truncated: the header declares {declared:.2f} s but only "
+                                         f"{decoded:.2f} s decode")
+
+
+def _check_file(path: str | os.PathLike) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(path, "file not found")
+    if not p.is_file():
+        raise MediaError(path, "not a regular file")
+    if p.stat().st_size == 0:
+        raise MediaError(path, "empty file (0 bytes)")
+
+
+def _why(err: BaseException) -> str:
+    """FFmpeg's own words for an error, without the file name it repeats."""
+    return getattr(err, "strerror", None) or str(err)

@@ -1,0 +1,284 @@
+"""Training: the step (guidance, losses, backward, clipping, Adam, EMA) and the loop around it.
+
+    result = tgdp_core.train(cfg, out_dir="runs/mine", callbacks=[print])
+    result.out_dir, result.checkpoint, result.history
+
+The same call runs in a notebook cell, from ``python -m tgdp_core train`` and under
+``torchrun --nproc_per_node N -m tgdp_core train`` (DDP: gloo on CPU, NCCL on GPU; negatives
+gathered across ranks; the teacher follows the unwrapped student; only rank 0 writes).
+Every random draw is a function of (seed, step, rank): a resumed run repeats an uninterrupted
+one step for step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import dist
+from .config import Config
+from .model import TGDPModel, build_model
+from .teacher import EMATeacher, guidance_active, momentum_at, needs_teacher
+
+
+# ---------------------------------------------------------------------- pieces
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Adam with the CAV-MAE recipe's weight decay and betas (fused kernels on CUDA)."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                            **({"fused": True} if fused else {}))
+
+
+def make_teacher(model: TGDPModel) -> EMATeacher | None:
+    """The EMA teacher when the method needs one (TG-DP with guidance or distillation), else None."""
+    return EMATeacher(model.encoder) if needs_teacher(model.cfg) else None
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up to ``train.lr`` over ``warmup_steps``, then cosine decay to zero."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast where the config asks for it ("auto": on CUDA only)."""
+    precision = cfg.train.precision
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def mask_generator(cfg: Config, step: int, device: torch.device) -> torch.Generator:
+    """The masks' noise source for one step: a function of (seed, step) only. Every rank
+    draws the global batch's noise and keeps its rows (see ``random_masking(rows=...)``)."""
+    g = torch.Generator(device=device)
+    return g.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + 1)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the step was not applied."""
+
+
+def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: torch.optim.Optimizer,
+               fbank: torch.Tensor, frames: torch.Tensor, step: int,
+               generator: torch.Generator | None = None, student: TGDPModel | None = None,
+               autocast=None, rows: tuple[int, int] | None = None) -> dict[str, float]:
+    """One optimiser step; returns the loss parts, gradient norm and embedding statistics.
+
+    ``model`` may be a DDP wrapper of ``student`` (the unwrapped model, whose encoder the
+    teacher follows); in one process leave ``student`` None.
+    """
+    student = student or model
+    cfg = student.cfg
+    with autocast or nullcontext():
+        guide = None
+        if teacher is not None:
+            priority = cfg.objective.score_direction if guidance_active(cfg, step) else None
+            guide = teacher(fbank, frames, priority)
+        out = model(fbank, frames, guide, generator, rows)
+    if not torch.isfinite(out.loss):
+        raise NonFiniteLossError(f"non-finite loss at step {step}: "
+                                 + ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items()))
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
+                 if cfg.train.grad_clip > 0 else torch.tensor(math.nan))
+    optimizer.step()
+    with torch.no_grad():
+        # collapse watch: mean cosine between different samples' audio and visual embeddings
+        a = F.normalize(out.audio.float(), dim=-1)
+        v = F.normalize(out.visual.float(), dim=-1)
+        B = a.shape[0]
+        off_diag = ((a @ v.T).sum() - (a * v).sum()) / max(1, B * (B - 1))
+        names = ["loss", *out.parts, "offdiag_cos"]
+        values = torch.stack([out.loss.detach().float(), *(p.detach().float() for p in out.parts.values()), off_diag])
+        if dist.is_distributed():  # log the global batch's losses, not rank 0's share
+            torch_dist.all_reduce(values)
+            values /= dist.world_size()
+    record = dict(zip(names, values.tolist()), grad_norm=float(grad_norm))
+    if teacher is not None:
+        momentum = momentum_at(step, cfg.train.steps, cfg.teacher.momentum_start, cfg.teacher.momentum_end)
+        teacher.update(student.encoder, momentum)
+        record["momentum"] = momentum
+    return record
+
+
+# ---------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path | None  # last.pt of the run (None on ranks other than 0)
+    history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl records
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset}-{cfg.method}"
+
+
+def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Callable[[dict], Any]] = (),
+          resume: bool = True, dataset=None) -> TrainResult:
+    """Pretrain ``cfg.method`` for ``cfg.train.steps`` steps; resumes from ``out_dir/last.pt`` if present.
+
+    ``callbacks`` receive each logged record (a dict: step, losses, lr, samples/s, ...).
+    ``dataset`` overrides the manifest of ``cfg.data`` (an ``AVDataset`` in training mode).
+    """
+    from .dataset import AVDataset, train_loader
+
+    cfg.validate()
+    started_dist = _init_distributed()
+    try:
+        device = resolve_device(cfg)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        out_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
+        if dist.is_distributed():  # every rank writes to rank 0's folder
+            box = [str(out_dir)]
+            torch_dist.broadcast_object_list(box, src=0)
+            out_dir = Path(box[0])
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        student = build_model(cfg).to(device).train()
+        teacher = make_teacher(student)
+        optimizer = make_optimizer(student, cfg)
+        start_step, history = 0, []
+        last = out_dir / "last.pt"
+        if resume and last.exists():
+            start_step, history = _restore(last, cfg, student, teacher, optimizer, device)
+        if dist.is_main():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(out_dir / "config.json")
+        model = student
+        if dist.is_distributed():
+            model = torch.nn.parallel.DistributedDataParallel(
+                student, device_ids=[device.index] if device.type == "cuda" else None)
+
+        data = dataset or AVDataset(_train_manifest(cfg), cfg, train=True)
+        loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
+        autocast = autocast_for(cfg, device)
+        log = open(out_dir / "metrics.jsonl", "a") if dist.is_main() else None
+        bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.method} {cfg.preset}",
+                   unit="step", disable=not dist.is_main())
+        window_start, window_samples, collapse_warned = time.perf_counter(), 0, False
+        step = start_step
+        try:
+            for batch in loader:
+                fbank = batch["fbank"].to(device, non_blocking=True)
+                frames = batch["frames"].to(device, non_blocking=True)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                rows = (dist.rank() * fbank.shape[0], cfg.train.batch_size)
+                record = train_step(model, teacher, optimizer, fbank, frames, step,
+                                    mask_generator(cfg, step, device), student, autocast, rows)
+                window_samples += fbank.shape[0] * dist.world_size()
+                step += 1
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    now = time.perf_counter()
+                    record.update(step=step, lr=lr_at(step - 1, cfg),
+                                  samples_per_s=window_samples / max(now - window_start, 1e-9))
+                    window_start, window_samples = now, 0
+                    collapse_warned |= _warn_on_collapse(record, cfg, collapse_warned)
+                    history.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", con=f"{record['contrastive']:.3f}",
+                                    sps=f"{record['samples_per_s']:.0f}")
+                    if log:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    for callback in callbacks:
+                        callback(record)
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    _save(out_dir, cfg, student, teacher, optimizer, step, history)
+        except NonFiniteLossError as err:
+            good = f"; the last good checkpoint is {last}" if last.exists() else ""
+            raise NonFiniteLossError(f"{err}{good}") from None
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        return TrainResult(out_dir, last if dist.is_main() else None, history)
+    finally:
+        if started_dist:
+            torch_dist.destroy_process_group()
+
+
+def _train_manifest(cfg: Config) -> str:
+    if cfg.data.train_manifest:
+        return cfg.data.train_manifest
+    from .avdigits import ensure_default
+
+    return str(ensure_default(cfg)["train"])
+
+
+def _init_distributed() -> bool:
+    """Join torchrun's process group when its environment says so; False if nothing started."""
+    if dist.is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch_dist.init_process_group(backend)
+    return True
+
+
+def _warn_on_collapse(record: dict, cfg: Config, already: bool) -> bool:
+    """Warn once when InfoNCE sits at ln(batch) with near-identical embeddings."""
+    chance = math.log(cfg.train.batch_size)
+    if not already and record["step"] >= 50 and abs(record["contrastive"] - chance) < 0.02 * chance \
+            and record["offdiag_cos"] > 0.9:
+        warnings.warn(f"contrastive loss {record['contrastive']:.3f} sits at ln(batch)={chance:.3f} and the "
+                      f"embeddings are nearly identical (mean off-diagonal cosine {record['offdiag_cos']:.2f}): "
+                      "the model may have collapsed; try a higher objective.temperature", stacklevel=3)
+        return True
+    return False
+
+
+def _save(out_dir: Path, cfg: Config, student: TGDPModel, teacher: EMATeacher | None,
+          optimizer: torch.optim.Optimizer, step: int, history: list) -> None:
+    if not dist.is_main():
+        return
+    payload = ckpt.model_payload(
+        student, step=step, teacher=teacher.state_dict() if teacher else None,
+        optimizer=optimizer.state_dict(), history=history,
+        rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
+    ckpt.save_checkpoint(payload, out_dir / f"step{step:07d}.pt")
+    ckpt.save_checkpoint(payload, out_dir / "last.pt")
+    for old in sorted(out_dir.glob("step*.pt"))[:-cfg.train.keep_checkpoints]:
+        old.unlink()
+
+
+def _restore(path: Path, cfg: Config, student: TGDPModel, teacher: EMATeacher | None,
+             optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, list]:
+    data = ckpt.read_checkpoint(path)
+    saved = Config.from_dict(data["config"])
+    if saved.model != cfg.model or saved.method != cfg.method:
+        raise ckpt.CheckpointError(f"{path} was trained with another model or method; "
+                                   "resume with its config.json or choose a new out_dir")
+    ckpt.load_state_strict(student, data["model"], str(path))
+    if teacher is not None:
+        teacher.load_state_dict(data["teacher"])
+    optimizer.load_state_dict(data["optimizer"])
+    torch.set_rng_state(data["rng"]["torch"])
+    if "cuda" in data["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(data["rng"]["cuda"])
+    return int(data["step"]), list(data["history"])

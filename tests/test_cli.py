@@ -18,3 +18,20 @@ def test_bad_override_is_one_clear_line():
     assert result.returncode != 0
     assert "unknown field 'widht' in model; valid fields:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_eval_command_prints_a_table_and_writes_json(tmp_path):
+    import json
+
+    import tgdp_core as tg
+    from tgdp_core.checkpoint import model_payload, save_checkpoint
+    from test_dataset import make_clips
+
+    manifest = make_clips(tmp_path / "data", n=4)
+    cfg = tg.Config.preset("tiny", data={"workers": 0})
+    save_checkpoint(model_payload(tg.build_model(cfg)), tmp_path / "model.pt")
+    result = run("eval", str(tmp_path / "model.pt"), str(manifest), "--clips", "3", "--out", str(tmp_path / "m.json"))
+    assert result.returncode == 0, result.stderr
+    assert "| tgdp |" in result.stdout and "A->V R@1" in result.stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= metrics["V->A R@1"] <= 100 and metrics["A->V MedR"] <= 3

@@ -115,3 +115,18 @@ def test_visual_augmentation_is_seeded(tmp_path):
     c = D.random_resized_crop_flip(image, torch.Generator().manual_seed(2))
     assert a.shape == image.shape and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_embed_clips_and_evaluate_model_on_a_manifest(tmp_path, cfg):
+    manifest = make_clips(tmp_path, n=4)
+    test_set = D.AVDataset(manifest, cfg, train=False)
+    model = tg.build_model(cfg).eval()
+    a, v, y = tg.evaluate.embed_clips(model, test_set, batch_size=3, progress=False)
+    assert a.shape == v.shape == (4, 8, cfg.model.embed_dim) and y.shape == (4, 2)
+    item = test_set[2]  # the same numbers as encoding one clip's pairs directly
+    assert torch.allclose(a[2], model.encode_audio(item["fbank"]), atol=1e-5)
+    assert torch.allclose(v[2], model.encode_visual(item["frames"]), atol=1e-5)
+    metrics = tg.evaluate.evaluate_model(model, test_set, test_set, probe_epochs=5, progress=False)
+    sim = tg.evaluate.clip_similarity(a, v)
+    assert metrics["A->V R@1"] == tg.evaluate.recall_at_k(sim)["R@1"]
+    assert {"V->A R@5", "A->V MedR", "A->V P@1", "mAP"} <= set(metrics)

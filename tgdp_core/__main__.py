@@ -74,6 +74,31 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
     raise SystemExit(prepare.main(args))
 
 
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Zero-shot retrieval (and a linear probe with --train-manifest) of a checkpoint."""
+    import json
+
+    from torch.utils.data import Subset
+
+    from . import evaluate
+    from .checkpoint import load_model
+    from .dataset import AVDataset
+
+    model = load_model(args.checkpoint, map_location=args.device)
+    cfg = model.cfg
+    if overrides:
+        cfg.override(*overrides)
+    test_set = AVDataset(args.manifest, cfg, train=False)
+    if args.clips:
+        test_set = Subset(test_set, range(min(args.clips, len(test_set))))
+    train_set = AVDataset(args.train_manifest, cfg, train=False) if args.train_manifest else None
+    metrics = evaluate.evaluate_model(model, test_set, train_set, batch_size=args.batch)
+    print(evaluate.markdown_table({args.name or cfg.method: metrics}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tgdp_core", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +113,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="run folder (default: runs/<time>-<preset>-<method>); resumes if it holds last.pt")
     p.add_argument("--fresh", action="store_true", help="ignore an existing last.pt in --out")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="zero-shot retrieval R@1/5/10 both directions (+ linear probe) of a checkpoint")
+    p.add_argument("checkpoint", help="a tgdp checkpoint or an official CAV-MAE Sync / TG-DP state dict")
+    p.add_argument("manifest", help="the test manifest (CAV-MAE JSON)")
+    p.add_argument("--clips", type=int, default=0, help="evaluate the first N clips only (default: all)")
+    p.add_argument("--train-manifest", help="also fit a linear probe on these clips' frozen features")
+    p.add_argument("--batch", type=int, default=16, help="clips per batch")
+    p.add_argument("--name", help="row name in the table (default: the method)")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("prepare", help="videos -> 16 kHz wavs, frames and a CAV-MAE manifest")
     prepare.add_arguments(p)
     p.set_defaults(func=cmd_prepare)

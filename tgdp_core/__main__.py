@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import prepare
+from . import avdigits, prepare
 from .config import METHODS, PRESETS, Config
 
 
@@ -68,9 +68,13 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"checkpoint: {result.checkpoint}\nmetrics: {result.out_dir / 'metrics.jsonl'}")
 
 
-def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
+def _no_overrides(overrides: list[str]) -> None:
     if overrides:
         raise SystemExit(f"error: unrecognised arguments {' '.join(overrides)}")
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
+    _no_overrides(overrides)
     raise SystemExit(prepare.main(args))
 
 
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("avdigits", help="generate the built-in AV-Digits benchmark")
+    avdigits.add_arguments(p)
+    p.set_defaults(func=lambda args, overrides: _no_overrides(overrides) or sys.exit(avdigits.main(args)))
     p = sub.add_parser("prepare", help="videos -> 16 kHz wavs, frames and a CAV-MAE manifest")
     prepare.add_arguments(p)
     p.set_defaults(func=cmd_prepare)

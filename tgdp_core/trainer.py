@@ -153,6 +153,8 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
         device = resolve_device(cfg)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if dataset is None:
+            cfg = resolve_data(cfg)
         out_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
         if dist.is_distributed():  # every rank writes to rank 0's folder
             box = [str(out_dir)]
@@ -175,7 +177,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
             model = torch.nn.parallel.DistributedDataParallel(
                 student, device_ids=[device.index] if device.type == "cuda" else None)
 
-        data = dataset or AVDataset(_train_manifest(cfg), cfg, train=True)
+        data = dataset or _rank0_first(lambda: AVDataset(cfg.data.train_manifest, cfg, train=True))
         loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
         autocast = autocast_for(cfg, device)
         log = open(out_dir / "metrics.jsonl", "a") if dist.is_main() else None
@@ -224,12 +226,30 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
             torch_dist.destroy_process_group()
 
 
-def _train_manifest(cfg: Config) -> str:
+def resolve_data(cfg: Config) -> Config:
+    """``cfg`` with its manifests filled in: the built-in AV-Digits set when none is given
+    (generated on first use, by rank 0 while the others wait)."""
     if cfg.data.train_manifest:
-        return cfg.data.train_manifest
+        return cfg
     from .avdigits import ensure_default
 
-    return str(ensure_default(cfg)["train"])
+    paths = _rank0_first(lambda: ensure_default(cfg))
+    cfg = Config.from_dict(cfg.to_dict())
+    cfg.data.train_manifest, cfg.data.test_manifest = str(paths["train"]), str(paths["test"])
+    cfg.data.label_csv = str(paths["labels"])
+    return cfg
+
+
+def _rank0_first(make: Callable[[], Any]) -> Any:
+    """Run ``make`` on rank 0, then on the other ranks (which then find its files, caches)."""
+    if not dist.is_distributed():
+        return make()
+    if dist.is_main():
+        result = make()
+        torch_dist.barrier()
+        return result
+    torch_dist.barrier()
+    return make()
 
 
 def _init_distributed() -> bool:

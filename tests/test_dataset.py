@@ -121,7 +121,8 @@ def test_embed_clips_and_evaluate_model_on_a_manifest(tmp_path, cfg):
     manifest = make_clips(tmp_path, n=4)
     test_set = D.AVDataset(manifest, cfg, train=False)
     model = tg.build_model(cfg).eval()
-    a, v, y = tg.evaluate.embed_clips(model, test_set, batch_size=3, progress=False)
+    a, v, y, fy = tg.evaluate.embed_clips(model, test_set, batch_size=3, progress=False)
+    assert (fy == -1).all()  # make_clips writes no frame_labels
     assert a.shape == v.shape == (4, 8, cfg.model.embed_dim) and y.shape == (4, 2)
     item = test_set[2]  # the same numbers as encoding one clip's pairs directly
     assert torch.allclose(a[2], model.encode_audio(item["fbank"]), atol=1e-5)

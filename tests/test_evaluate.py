@@ -242,3 +242,33 @@ def test_markdown_table():
         "| sync | 23.2 | 30.5 | - |\n"
         "| tgdp | 30.3 | - | 3.0 |")
     assert ev.markdown_table(rows, columns=["mAP"], decimals=2).splitlines()[2] == "| sync | 30.50 |"
+
+
+def test_pair_class_precision_against_a_direct_loop():
+    from tgdp_core.evaluate import pair_class_precision
+
+    g = torch.Generator().manual_seed(0)
+    N, K, D = 6, 3, 5
+    a, v = torch.randn(N, K, D, generator=g), torch.randn(N, K, D, generator=g)
+    y = torch.randint(0, 3, (N, K), generator=g)
+    got = pair_class_precision(a, v, y, chunk=4)  # chunking must not change the result
+    for name, q, gal in (("A->V", a, v), ("V->A", v, a)):
+        hits = 0
+        for i in range(N):
+            for k in range(K):
+                best, best_label = -2.0, None
+                for j in range(N):
+                    if j == i:
+                        continue  # the query's own clip is left out
+                    for m in range(K):
+                        s = torch.nn.functional.cosine_similarity(q[i, k], gal[j, m], dim=0).item()
+                        if s > best:
+                            best, best_label = s, y[j, m].item()
+                hits += best_label == y[i, k].item()
+        assert got[f"{name} pair P@1"] == pytest.approx(100 * hits / (N * K))
+    chance = sum(((y == y[i, k]).sum() - (y[i] == y[i, k]).sum()).item() / (N * K - K)
+                 for i in range(N) for k in range(K)) / (N * K)
+    assert got["pair P chance"] == pytest.approx(100 * chance)
+    # identical audio and visual pair embeddings with one embedding per class: P@1 = 100
+    proto = torch.eye(3)[y]  # (N, K, 3)
+    assert pair_class_precision(proto, proto, y)["A->V pair P@1"] == 100

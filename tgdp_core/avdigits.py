@@ -68,7 +68,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-VERSION = "1"
+VERSION = "2"  # 2: manifests carry frame_labels
 SAMPLE_RATE = 16_000
 CLIP_SECONDS = 5.12
 CLIP_SAMPLES = 81_920  # 5.12 s at 16 kHz
@@ -803,8 +803,13 @@ def _write_labels(out: Path, num_classes: int) -> None:
 def _write_split(out: Path, split: str, clips: list[_Clip], knobs: Knobs) -> dict[str, Any]:
     """Manifests and relevance of one split; returns its measured statistics."""
     def manifest(labels) -> str:
+        # frame_labels (an extension the CAV-MAE format ignores): the digit each frame shows,
+        # for pair-level class retrieval (frame i shows the digit of event i // 2)
+        per_event = FRAMES_PER_CLIP // EVENTS_PER_CLIP
         data = [dict(video_id=c.video_id, wav=str(out / "audio" / f"{c.video_id}.wav"),
-                     video_path=str(out / "frames"), labels=labels(c)) for c in clips]
+                     video_path=str(out / "frames"), labels=labels(c),
+                     frame_labels=",".join(_mid(int(c.digits[i // per_event])) for i in range(FRAMES_PER_CLIP)))
+                for c in clips]
         return json.dumps({"data": data}, indent=1) + "\n"
 
     (out / f"{split}.json").write_text(manifest(lambda c: ",".join(_mid(d) for d in sorted(set(c.digits.tolist())))))

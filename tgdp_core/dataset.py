@@ -40,6 +40,7 @@ class Clip:
     wav: str
     video_path: str  # frame root: frames are video_path/frame_{i}/{video_id}.jpg
     labels: tuple[str, ...]  # label mids
+    frame_labels: tuple[str, ...] = ()  # optional: the label mid each frame shows (one per frame)
 
     def frame_path(self, i: int) -> str:
         return os.path.join(self.video_path, f"frame_{i}", f"{self.video_id}.jpg")
@@ -60,7 +61,8 @@ def read_manifest(path: str | Path) -> list[Clip]:
         if missing:
             raise ValueError(f"{path}: entry {n} lacks {', '.join(missing)}")
         labels = tuple(s.strip() for s in str(e.get("labels", "")).split(",") if s.strip())
-        clips.append(Clip(str(e["video_id"]), str(e["wav"]), str(e["video_path"]), labels))
+        frame_labels = tuple(s.strip() for s in str(e.get("frame_labels", "")).split(",") if s.strip())
+        clips.append(Clip(str(e["video_id"]), str(e["wav"]), str(e["video_path"]), labels, frame_labels))
     if not clips:
         raise ValueError(f"{path}: the manifest holds no clips")
     return clips
@@ -85,6 +87,19 @@ def label_csv_for(cfg: Config, manifest: str | Path) -> Path | None:
         return Path(cfg.data.label_csv)
     beside = Path(manifest).parent / "labels.csv"
     return beside if beside.exists() else None
+
+
+def frame_label_ids(clips: list[Clip], label_index: dict[str, int] | None, frames: int) -> torch.Tensor:
+    """(N, K) class index of each frame from the manifests' optional ``frame_labels``; -1 where absent."""
+    out = torch.full((len(clips), frames), -1, dtype=torch.long)
+    if label_index is None:
+        return out
+    for n, clip in enumerate(clips):
+        if clip.frame_labels:
+            if len(clip.frame_labels) != frames:
+                raise ValueError(f"clip {clip.video_id}: {len(clip.frame_labels)} frame_labels for {frames} frames")
+            out[n] = torch.tensor([label_index[mid] for mid in clip.frame_labels])
+    return out
 
 
 def multi_hot(clips: list[Clip], label_index: dict[str, int] | None) -> torch.Tensor:
@@ -217,7 +232,7 @@ class AVDataset(Dataset):
     Training items are ``(clip, frame, seed)`` triples from ``StepSampler`` and give
         {"fbank": (T, F), "frames": (3, S, S), "labels": (C,), "index": (), "frame": ()};
     evaluation items are clip indices and give every frame with its segment,
-        {"fbank": (K, T, F), "frames": (K, 3, S, S), "labels": (C,), "index": ()}.
+        {"fbank": (K, T, F), "frames": (K, 3, S, S), "labels": (C,), "frame_labels": (K,), "index": ()}.
     """
 
     def __init__(self, manifest: str | Path, cfg: Config, train: bool, cache_dir: str | Path | None = None):
@@ -226,6 +241,7 @@ class AVDataset(Dataset):
         label_csv = label_csv_for(cfg, manifest)
         self.label_index, self.label_names = read_label_csv(label_csv) if label_csv else (None, [])
         self.labels = multi_hot(self.clips, self.label_index)
+        self.frame_labels = frame_label_ids(self.clips, self.label_index, cfg.data.frames_per_clip)
         self.reader = ClipReader(cfg)
         self.cache = None
         if cfg.data.cache:
@@ -263,7 +279,7 @@ class AVDataset(Dataset):
         frames = np.stack([self._frame(n, i) for i in range(d.frames_per_clip)])
         return {"fbank": torch.stack([fbank[s:e] for s, e in bounds]),
                 "frames": media.normalize_frames(torch.from_numpy(frames)),
-                "labels": self.labels[n], "index": torch.tensor(n)}
+                "labels": self.labels[n], "frame_labels": self.frame_labels[n], "index": torch.tensor(n)}
 
 
 def random_resized_crop_flip(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ continuous embeddings exact ties are rare and both conventions agree.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -382,12 +382,18 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[st
 
 
 # ---------------------------------------------------------------------------- models on datasets
+class ClipEmbeddings(NamedTuple):
+    audio: torch.Tensor  # (N, K, D) L2-normalised, one per aligned segment
+    visual: torch.Tensor  # (N, K, D) L2-normalised, one per frame
+    labels: torch.Tensor  # (N, C) multi-hot clip labels
+    frame_labels: torch.Tensor  # (N, K) class of each pair, -1 where the manifest has none
+
+
 @torch.no_grad()
-def embed_clips(model, dataset, batch_size: int = 16, workers: int = 0, progress: bool = True):
+def embed_clips(model, dataset, batch_size: int = 16, workers: int = 0, progress: bool = True) -> ClipEmbeddings:
     """Every clip's aligned frame/segment pairs through ``encode_audio`` / ``encode_visual``.
 
     ``dataset`` is an evaluation-mode ``AVDataset`` (items hold all K pairs of a clip).
-    Returns audio (N, K, D), visual (N, K, D) L2-normalised embeddings and labels (N, C).
     """
     from tqdm.auto import tqdm
 
@@ -395,7 +401,7 @@ def embed_clips(model, dataset, batch_size: int = 16, workers: int = 0, progress
 
     model.eval()
     device = next(model.parameters()).device
-    audio, visual, labels = [], [], []
+    audio, visual, labels, frame_labels = [], [], [], []
     for batch in tqdm(eval_loader(dataset, batch_size, workers), desc="embedding", unit="batch",
                       disable=not progress, leave=False):
         B, K = batch["fbank"].shape[:2]
@@ -404,17 +410,48 @@ def embed_clips(model, dataset, batch_size: int = 16, workers: int = 0, progress
         audio.append(model.encode_audio(fbank).view(B, K, -1).float().cpu())
         visual.append(model.encode_visual(frames).view(B, K, -1).float().cpu())
         labels.append(batch["labels"])
-    return torch.cat(audio), torch.cat(visual), torch.cat(labels)
+        frame_labels.append(batch["frame_labels"])
+    return ClipEmbeddings(torch.cat(audio), torch.cat(visual), torch.cat(labels), torch.cat(frame_labels))
 
 
 def evaluate_model(model, test_set, train_set=None, batch_size: int = 16, probe_epochs: int = 100,
                    progress: bool = True) -> dict[str, float]:
     """Zero-shot retrieval on ``test_set`` and, given ``train_set``, a linear probe (mAP) on
     frozen clip features (mean of each clip's audio and visual embeddings, concatenated)."""
-    a, v, y = embed_clips(model, test_set, batch_size, progress=progress)
+    a, v, y, fy = embed_clips(model, test_set, batch_size, progress=progress)
     metrics = retrieval_metrics(a, v, y if y.shape[1] else None)
+    if (fy >= 0).all():
+        metrics.update(pair_class_precision(a, v, fy))
     if train_set is not None and y.shape[1]:
-        ta, tv, ty = embed_clips(model, train_set, batch_size, progress=progress)
+        ta, tv, ty, _ = embed_clips(model, train_set, batch_size, progress=progress)
         pooled = lambda a_, v_: torch.cat([a_.mean(1), v_.mean(1)], dim=1)  # noqa: E731  (N, 2D)
         metrics.update(linear_probe(pooled(ta, tv), ty, pooled(a, v), y, multilabel=True, epochs=probe_epochs))
     return metrics
+
+
+def pair_class_precision(audio_emb: torch.Tensor, visual_emb: torch.Tensor, frame_labels: torch.Tensor,
+                         chunk: int = 1024) -> dict[str, float]:
+    """Class-level retrieval between single frames and single segments of *other* clips.
+
+    audio_emb, visual_emb (N, K, D), frame_labels (N, K) class per pair. Every segment queries
+    all frames of the other clips (and vice versa); P@1 counts a top hit showing the query's
+    class. The query's own clip is left out, so instance matching cannot help. Returns
+    "A->V pair P@1", "V->A pair P@1" and "pair P chance" (share of the gallery in the
+    query's class), in percent.
+    """
+    N, K, D = audio_emb.shape
+    a, v = F.normalize(audio_emb.reshape(N * K, D), dim=-1), F.normalize(visual_emb.reshape(N * K, D), dim=-1)
+    y = frame_labels.reshape(N * K)
+    clip = torch.arange(N).repeat_interleave(K)
+    out = {}
+    for name, queries, gallery in (("A->V", a, v), ("V->A", v, a)):
+        hits = 0
+        for lo in range(0, N * K, chunk):
+            sim = queries[lo:lo + chunk] @ gallery.T  # (chunk, N*K)
+            sim[clip[lo:lo + chunk, None] == clip[None, :]] = -torch.inf
+            hits += (y[sim.argmax(dim=1)] == y[lo:lo + chunk]).sum().item()
+        out[f"{name} pair P@1"] = 100 * hits / (N * K)
+    counts = torch.bincount(y, minlength=int(y.max()) + 1).float()
+    same_clip = (y.view(N, K, 1) == y.view(N, 1, K)).sum(-1).view(-1).float()  # same class within the clip
+    out["pair P chance"] = 100 * ((counts[y] - same_clip) / (N * K - K)).mean().item()
+    return out

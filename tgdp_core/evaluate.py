@@ -451,7 +451,15 @@ def pair_class_precision(audio_emb: torch.Tensor, visual_emb: torch.Tensor, fram
             sim[clip[lo:lo + chunk, None] == clip[None, :]] = -torch.inf
             hits += (y[sim.argmax(dim=1)] == y[lo:lo + chunk]).sum().item()
         out[f"{name} pair P@1"] = 100 * hits / (N * K)
+    out["pair P chance"] = pair_chance(frame_labels)
+    return out
+
+
+def pair_chance(frame_labels: torch.Tensor) -> float:
+    """Expected pair P@1 of a random ranking: the mean share of other clips' pairs in the
+    query's class, in percent. frame_labels (N, K)."""
+    N, K = frame_labels.shape
+    y = frame_labels.reshape(N * K)
     counts = torch.bincount(y, minlength=int(y.max()) + 1).float()
     same_clip = (y.view(N, K, 1) == y.view(N, 1, K)).sum(-1).view(-1).float()  # same class within the clip
-    out["pair P chance"] = 100 * ((counts[y] - same_clip) / (N * K - K)).mean().item()
-    return out
+    return 100 * ((counts[y] - same_clip) / (N * K - K)).mean().item()

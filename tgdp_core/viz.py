@@ -17,11 +17,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def plot_losses(runs: dict[str, list[dict]], keys=("rec", "contrastive", "distill"), ax_row=None) -> Figure:
     """One panel per loss part, one line per run: runs = {name: metrics records}."""
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3)) if ax_row is None else (ax_row[0].figure, ax_row)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes, keys):
-        for name, records in runs.items():
+        for n, (name, records) in enumerate(runs.items()):
             points = [(r["step"], r[key]) for r in records if key in r]
-            if points:
-                ax.plot(*zip(*points), label=name)
+            if points:  # a run keeps its colour in every panel, also where others have no line
+                ax.plot(*zip(*points), label=name, color=colours[n % len(colours)])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -37,7 +38,7 @@ def plot_quickstart(run_dirs: dict[str, Path], rows: dict[str, dict[str, float]]
     axes = [fig.add_subplot(grid[0, i]) for i in range(3)]
     plot_losses({name: read_metrics(d) for name, d in run_dirs.items()}, ("rec", "contrastive", "distill"), axes)
     ax = fig.add_subplot(grid[0, 3])
-    metrics = ("A->V R@1", "V->A R@1", "A->V P@1", "V->A P@1", "mAP")
+    metrics = ("A->V R@1", "V->A R@1", "A->V pair P@1", "V->A pair P@1", "mAP")
     width = 0.8 / len(rows)
     for n, (name, row) in enumerate(rows.items()):
         ax.bar([i + n * width for i in range(len(metrics))], [row.get(m, 0) for m in metrics], width, label=name)

@@ -3,7 +3,10 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: step test
+.PHONY: quickstart step test
+quickstart: $(VENV)/.installed
+	$(PY) -m tgdp_core quickstart
+
 step: $(VENV)/.installed
 	$(PY) -m tgdp_core step --preset tiny --steps 5
 

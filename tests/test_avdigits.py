@@ -45,7 +45,7 @@ def test_manifests_labels_and_paths(sets):
         firsts = json.loads((root / f"{split}_first_digit.json").read_text())["data"]
         assert len(entries) == n and [e["video_id"] for e in entries] == relevance.video_ids
         for entry, first, digits in zip(entries, firsts, relevance.digits):
-            assert set(entry) == {"video_id", "wav", "video_path", "labels"}
+            assert set(entry) == {"video_id", "wav", "video_path", "labels", "frame_labels"}
             assert Path(entry["wav"]).is_absolute() and Path(entry["wav"]).exists()
             assert Path(entry["video_path"]) == root / "frames"
             for i in range(avd.FRAMES_PER_CLIP):

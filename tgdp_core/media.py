@@ -133,6 +133,8 @@ def load_frame(path: str | os.PathLike, image_size: int) -> np.ndarray:
 
 def normalize_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 RGB frames (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1], ImageNet-normalised."""
+    if isinstance(frames, np.ndarray) and not frames.flags.writeable:
+        frames = frames.copy()  # PIL and memory-mapped arrays are read-only; torch wants to own writable memory
     frames = torch.as_tensor(frames)
     if frames.dtype != torch.uint8 or frames.ndim < 3 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames of shape (..., H, W, 3), got {frames.dtype} {tuple(frames.shape)}")

@@ -38,6 +38,8 @@ def test_resume_continues_the_same_run(tmp_path):
     for record in full.history:
         for key in ("loss", "rec", "distill", "contrastive"):
             assert by_step[record["step"]][key] == record[key], (record["step"], key)
+    logged = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # step 4, logged before the crash, is not there twice
     a, b = tg.load_model(full.checkpoint), tg.load_model(resumed.checkpoint)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 

@@ -180,7 +180,10 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
         data = dataset or _rank0_first(lambda: AVDataset(cfg.data.train_manifest, cfg, train=True))
         loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
         autocast = autocast_for(cfg, device)
-        log = open(out_dir / "metrics.jsonl", "a") if dist.is_main() else None
+        log = None
+        if dist.is_main():  # the restored history, then this run's records (drops those logged after the checkpoint)
+            log = open(out_dir / "metrics.jsonl", "w")
+            log.writelines(json.dumps(r) + "\n" for r in history)
         bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.method} {cfg.preset}",
                    unit="step", disable=not dist.is_main())
         window_start, window_samples, collapse_warned = time.perf_counter(), 0, False

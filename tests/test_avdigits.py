@@ -222,3 +222,24 @@ def test_ensure_default_generates_only_when_missing_or_stale(tmp_path, monkeypat
     (tmp_path / "set" / "avdigits.json").write_text(json.dumps(dict(version="0", arguments={})))
     avd.ensure_default(root=tmp_path / "set")
     assert len(calls) == 2  # stale: regenerated
+
+
+def test_background_contrast_flattens_the_texture(tmp_path):
+    from PIL import Image
+
+    def background_spread(root):
+        """Pixel spread of each frame outside the digit's box, averaged over clips and frames."""
+        entries, relevance = manifest(root, "train"), avd.load_relevance(root, "train")
+        spreads = []
+        for n, entry in enumerate(entries):
+            for i in range(avd.FRAMES_PER_CLIP):
+                image = np.asarray(Image.open(f"{entry['video_path']}/frame_{i}/{entry['video_id']}.jpg"), np.float32)
+                spreads.append(image[~relevance.mask(n, i)].std(axis=0).mean())
+        return float(np.mean(spreads))
+
+    knobs = dict(clutter_density=0.0)
+    flat = avd.generate(tmp_path / "flat", 3, 1, workers=1, background_contrast=0.0, **knobs)
+    textured = avd.generate(tmp_path / "textured", 3, 1, workers=1, **knobs)
+    assert background_spread(flat) < 0.3 * background_spread(textured)
+    with pytest.raises(ValueError, match="background_contrast"):
+        avd.generate(tmp_path / "bad", 1, 1, background_contrast=1.5)

@@ -141,6 +141,9 @@ class Knobs:
     num_classes: int = field(default=10, metadata={"help": "digits used: 0 .. num_classes-1 (2..10)"})
     handwritten_share: float = field(default=0.5, metadata={"help": (
         "probability that a shown digit is handwritten (load_digits) rather than typeset")})
+    background_contrast: float = field(default=1.0, metadata={"help": (
+        "scales the colour difference within a textured background (gradient, grating, noise, "
+        "checkerboard); 0 gives a flat colour with grain")})
 
     def validate(self) -> None:
         problems = []
@@ -152,6 +155,8 @@ class Knobs:
             problems.append(f"clutter_density={self.clutter_density} must be >= 0")
         if not 2 <= self.num_classes <= len(DIGIT_NAMES):
             problems.append(f"num_classes={self.num_classes} must lie in [2, 10]")
+        if not 0.0 <= self.background_contrast <= 1.0:
+            problems.append(f"background_contrast={self.background_contrast} must lie in [0, 1]")
         if not 0.0 <= self.handwritten_share <= 1.0:
             problems.append(f"handwritten_share={self.handwritten_share} must lie in [0, 1]")
         if problems:
@@ -473,7 +478,7 @@ class _Glyph:
 
 def _render_frames(rng: np.random.Generator, material: _Material, pool: _Pool, digits: np.ndarray, knobs: Knobs):
     """8 frames (8, 128, 128, 3) uint8, digit masks (8, 128, 128) bool, and the digits' nuisance attributes."""
-    canvas = _clutter(rng, _background(rng, FRAME_SIZE + 2 * CAMERA_SHAKE_PX), pool.fonts, knobs)
+    canvas = _clutter(rng, _background(rng, FRAME_SIZE + 2 * CAMERA_SHAKE_PX, knobs.background_contrast), pool.fonts, knobs)
     frames, masks, colours, glyphs, sources = [], [], [], [], []
     for digit in digits:
         if rng.random() < knobs.handwritten_share:
@@ -528,7 +533,7 @@ def _overlap(at_a: np.ndarray, shape_a: tuple, at_b: np.ndarray, shape_b: tuple,
                 and np.all(at_b < at_a + np.array(shape_a[::-1]) + margin))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, contrast: float) -> np.ndarray:
     """A textured, never blank background. (size, size, 3) float32 in [0, 1]."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (size, size) each
     colours = rng.random((2, 3)).astype(np.float32)
@@ -547,7 +552,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         cell = rng.uniform(8, 24) / size
         t = ((np.floor(x / cell) + np.floor(y / cell)) % 2).astype(np.float32)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
-    image = colours[0] + t[..., None] * (colours[1] - colours[0])  # (size, size, 3)
+    image = colours[0] + contrast * t[..., None] * (colours[1] - colours[0])  # (size, size, 3)
     return image + rng.normal(0, 0.02, image.shape).astype(np.float32)  # a little grain
 
 

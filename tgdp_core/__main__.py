@@ -115,7 +115,7 @@ def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> None:
     print("\n" + markdown_table(rows, QUICKSTART_COLUMNS))
     print(f"\n(percent; 'chance' is what a model that knows nothing scores; {time.perf_counter() - start:.0f} s in all)")
     print(f"results, checkpoints and plots: {args.out}/  (table.md, results.json, quickstart.png, tgdp/last.pt)")
-    print("next: `jupyter lab notebooks/` for the walkthroughs, `python -m tgdp_core demo` for retrieval in the browser")
+    print("next: `python -m tgdp_core demo` for retrieval in the browser with the TG-DP checkpoint")
 
 
 def cmd_ablate(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -243,3 +243,13 @@ def test_background_contrast_flattens_the_texture(tmp_path):
     assert background_spread(flat) < 0.3 * background_spread(textured)
     with pytest.raises(ValueError, match="background_contrast"):
         avd.generate(tmp_path / "bad", 1, 1, background_contrast=1.5)
+
+
+def test_dark_ink_share_draws_dark_glyphs_on_light_grounds(tmp_path):
+    root = avd.generate(tmp_path / "dark", 3, 1, workers=1, dark_ink_share=1.0, clutter_density=0.0)
+    relevance = avd.load_relevance(root, "train")
+    luma = np.array([0.299, 0.587, 0.114])
+    assert (relevance.nuisance["glyph_rgb"] @ luma).max() <= 0.35 + 1e-6
+    entry = manifest(root, "train")[0]
+    image = np.asarray(Image.open(f"{entry['video_path']}/frame_0/{entry['video_id']}.jpg"), np.float32) / 255
+    assert (image[~relevance.mask(0, 0)] @ luma).mean() > 0.5

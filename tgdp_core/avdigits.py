@@ -68,7 +68,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-VERSION = "2"  # 2: manifests carry frame_labels
+VERSION = "3"  # 2: manifests carry frame_labels; 3: dark_ink_share, background_contrast
 SAMPLE_RATE = 16_000
 CLIP_SECONDS = 5.12
 CLIP_SAMPLES = 81_920  # 5.12 s at 16 kHz
@@ -106,6 +106,11 @@ MOTION_PX = 3  # frame 2j+1 shows the glyph moved by up to this many pixels: a m
 PLACE_TRIES = 10  # attempts to place a distractor letter off the digit before dropping it
 CAMERA_SHAKE_PX = 4  # frames are crops of a larger background canvas, moved up to this much
 MIN_CONTRAST = 0.3  # minimum luminance difference between a glyph and the background under it
+# dark_ink clips: grounds from [LIGHT_GROUND, 1]^3, glyph colours from [0, DARK_INK]^3. A tiny ViT
+# trained from scratch learns glyph shapes slowly when their polarity flips from clip to clip
+# (README, quickstart; data/avdigits/probe_learnability.py measures it).
+LIGHT_GROUND = 0.55
+DARK_INK = 0.35
 CLUTTER_ITEMS = 10  # mean clip-level clutter items (shapes, lines, letters) at clutter_density 1
 EVENT_LETTERS = 1.0  # mean distractor letters per event (they change with the digit) at density 1
 JPEG_QUALITY = 90
@@ -141,6 +146,10 @@ class Knobs:
     num_classes: int = field(default=10, metadata={"help": "digits used: 0 .. num_classes-1 (2..10)"})
     handwritten_share: float = field(default=0.5, metadata={"help": (
         "probability that a shown digit is handwritten (load_digits) rather than typeset")})
+    dark_ink_share: float = field(default=0.0, metadata={"help": (
+        "share of clips drawn as dark ink on light grounds (backgrounds from the light half of the "
+        "colour cube, glyphs from the dark third); the others take any colours, so a glyph may be "
+        "lighter or darker than its ground")})
     background_contrast: float = field(default=1.0, metadata={"help": (
         "scales the colour difference within a textured background (gradient, grating, noise, "
         "checkerboard); 0 gives a flat colour with grain")})
@@ -155,6 +164,8 @@ class Knobs:
             problems.append(f"clutter_density={self.clutter_density} must be >= 0")
         if not 2 <= self.num_classes <= len(DIGIT_NAMES):
             problems.append(f"num_classes={self.num_classes} must lie in [2, 10]")
+        if not 0.0 <= self.dark_ink_share <= 1.0:
+            problems.append(f"dark_ink_share={self.dark_ink_share} must lie in [0, 1]")
         if not 0.0 <= self.background_contrast <= 1.0:
             problems.append(f"background_contrast={self.background_contrast} must lie in [0, 1]")
         if not 0.0 <= self.handwritten_share <= 1.0:
@@ -478,7 +489,9 @@ class _Glyph:
 
 def _render_frames(rng: np.random.Generator, material: _Material, pool: _Pool, digits: np.ndarray, knobs: Knobs):
     """8 frames (8, 128, 128, 3) uint8, digit masks (8, 128, 128) bool, and the digits' nuisance attributes."""
-    canvas = _clutter(rng, _background(rng, FRAME_SIZE + 2 * CAMERA_SHAKE_PX, knobs.background_contrast), pool.fonts, knobs)
+    dark_ink = bool(rng.random() < knobs.dark_ink_share)  # this clip: dark glyphs on light grounds
+    background = _background(rng, FRAME_SIZE + 2 * CAMERA_SHAKE_PX, knobs.background_contrast, dark_ink)
+    canvas = _clutter(rng, background, pool.fonts, knobs)
     frames, masks, colours, glyphs, sources = [], [], [], [], []
     for digit in digits:
         if rng.random() < knobs.handwritten_share:
@@ -487,9 +500,9 @@ def _render_frames(rng: np.random.Generator, material: _Material, pool: _Pool, d
         else:
             row, font = -1, pool.fonts[rng.integers(len(pool.fonts))]
             ink = _typeset(font, str(digit))
-        glyph = _glyph(rng, ink, knobs)
+        glyph = _glyph(rng, ink, knobs, dark_ink)
         letters = [_glyph(rng, _typeset(pool.fonts[rng.integers(len(pool.fonts))], LETTERS[rng.integers(len(LETTERS))]),
-                          knobs, avoid=glyph) for _ in range(rng.poisson(EVENT_LETTERS * knobs.clutter_density))]
+                          knobs, dark_ink, avoid=glyph) for _ in range(rng.poisson(EVENT_LETTERS * knobs.clutter_density))]
         for step in range(2):
             shake = rng.integers(0, 2 * CAMERA_SHAKE_PX + 1, size=2)
             frame = canvas[shake[1]:shake[1] + FRAME_SIZE, shake[0]:shake[0] + FRAME_SIZE].copy()
@@ -513,7 +526,8 @@ def _render_frames(rng: np.random.Generator, material: _Material, pool: _Pool, d
     return np.stack(frames), np.stack(masks), nuisance
 
 
-def _glyph(rng: np.random.Generator, ink: np.ndarray, knobs: Knobs, avoid: _Glyph | None = None) -> _Glyph | None:
+def _glyph(rng: np.random.Generator, ink: np.ndarray, knobs: Knobs, dark_ink: bool,
+           avoid: _Glyph | None = None) -> _Glyph | None:
     """Size, rotate, place and colour a glyph; digits and letters alike, so size and style do not
     tell them apart. With `avoid`, the glyph keeps off that one (None when no free place is found)."""
     alpha = _shape(ink, rng.uniform(MIN_SIZE_FACTOR, 1.0) * knobs.digit_scale * FRAME_SIZE,
@@ -523,7 +537,8 @@ def _glyph(rng: np.random.Generator, ink: np.ndarray, knobs: Knobs, avoid: _Glyp
         at = MOTION_PX + rng.integers(0, free + 1)
         if avoid is None or not _overlap(at, alpha.shape, avoid.at[0], avoid.alpha.shape, 2 * MOTION_PX):
             moved = at + rng.integers(-MOTION_PX, MOTION_PX + 1, size=2)
-            return _Glyph(alpha=alpha, at=np.stack([at, moved]), colour=rng.random(3).astype(np.float32))
+            colour = rng.random(3) * (DARK_INK if dark_ink else 1.0)
+            return _Glyph(alpha=alpha, at=np.stack([at, moved]), colour=colour.astype(np.float32))
     return None
 
 
@@ -533,10 +548,12 @@ def _overlap(at_a: np.ndarray, shape_a: tuple, at_b: np.ndarray, shape_b: tuple,
                 and np.all(at_b < at_a + np.array(shape_a[::-1]) + margin))
 
 
-def _background(rng: np.random.Generator, size: int, contrast: float) -> np.ndarray:
-    """A textured, never blank background. (size, size, 3) float32 in [0, 1]."""
+def _background(rng: np.random.Generator, size: int, contrast: float, light: bool) -> np.ndarray:
+    """A textured, never blank background, from light colours only when `light`. (size, size, 3) float32 in [0, 1]."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (size, size) each
     colours = rng.random((2, 3)).astype(np.float32)
+    if light:
+        colours = LIGHT_GROUND + (1 - LIGHT_GROUND) * colours
     kind = rng.integers(4)
     if kind == 0:  # linear gradient at a random angle
         angle = rng.uniform(0, 2 * np.pi)

@@ -71,6 +71,10 @@ def test_cache_is_built_once_and_keyed_by_settings(tmp_path, cfg, monkeypatch):
     assert again.cache.folder == first.cache.folder
     assert torch.equal(again[(0, 0, 0)]["fbank"], first[(0, 0, 0)]["fbank"])
     monkeypatch.undo()
+    # a regenerated file (same path, new content) must not be served from the old cache
+    wave, sr = sf.read(tmp_path / "audio" / "clip0.wav")
+    sf.write(tmp_path / "audio" / "clip0.wav", -wave, sr, subtype="PCM_16")
+    assert D.AVDataset(manifest, cfg, train=True).cache.folder != first.cache.folder
     other = tg.Config.preset("tiny", data={"workers": 0}, model={"mel_bins": 128})
     assert D.AVDataset(manifest, other, train=True).cache.folder != first.cache.folder
     uncached = D.AVDataset(manifest, tg.Config.preset("tiny", data={"workers": 0, "cache": False}), train=True)

@@ -162,13 +162,20 @@ class FeatureCache:
 
     @staticmethod
     def key(clips: list[Clip], cfg: Config) -> str:
-        """Hash of the clips and every setting that shapes the cached arrays."""
+        """Hash of the clips, their files' sizes and modification times, and every setting that
+        shapes the cached arrays: a regenerated or edited file gets a fresh cache."""
         d, m = cfg.data, cfg.model
         settings = [CACHE_VERSION, d.sample_rate, d.clip_frames, d.frames_per_clip, d.fbank_mean, d.fbank_std,
                     m.mel_bins, m.image_size]
         digest = hashlib.sha256(json.dumps(settings).encode())
         for c in clips:
             digest.update(f"{c.video_id}\0{c.wav}\0{c.video_path}\n".encode())
+            for path in (c.wav, *(c.frame_path(i) for i in range(d.frames_per_clip))):
+                try:
+                    st = os.stat(path)
+                    digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    digest.update(b"missing\n")  # the build reports it (or skips the clip)
         return digest.hexdigest()[:16]
 
     @classmethod

@@ -159,8 +159,10 @@ class Retriever:
     # ------------------------------------------------------------------ gallery embeddings
     def _cache_key(self) -> str:
         stat = self.checkpoint.stat()
+        # the feature cache's folder name already hashes the gallery files' sizes and mtimes
+        features = self.dataset.cache.folder.name if self.dataset.cache is not None else ""
         ident = [EMBEDDING_CACHE_VERSION, str(self.checkpoint.resolve()), stat.st_size, stat.st_mtime_ns,
-                 self.cfg.to_dict()]
+                 self.cfg.to_dict(), features]
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode())
         digest.update(self.gallery.read_bytes())
         return digest.hexdigest()[:20]

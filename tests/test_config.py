@@ -13,6 +13,13 @@ def test_json_round_trip(name, method):
     assert tg.Config.from_dict(data) == cfg
 
 
+def test_preset_name_is_recorded_and_old_configs_still_load():
+    cfg = tg.Config.preset("small", method="sync")
+    assert cfg.preset_name == "small" and tg.Config().preset_name == "base"
+    old = {("preset" if k == "preset_name" else k): v for k, v in cfg.to_dict().items()}
+    assert tg.Config.from_dict(old) == cfg
+
+
 def test_overrides_by_keyword_section_and_dotted_name():
     cfg = tg.Config.preset("tiny", method="sync", model={"embed_dim": 192, "num_heads": 6},
                            **{"objective.temperature": 0.3, "train.betas": [0.9, 0.98]})

@@ -61,7 +61,7 @@ def test_teacher_priority_both_directions(ref_model, reference, direction, key):
     close(guide.audio, reference["global_a_teacher"])
     close(guide.visual, reference["global_v_teacher"])
     # the attention matrices agree with the recorded scores (their column 0 / row 0)
-    close(reference[f"attn_a"][:, :, 1:, 0].mean(1), reference["score_patch_to_cls_a"], 1e-7)
+    close(reference["attn_a"][:, :, 1:, 0].mean(1), reference["score_patch_to_cls_a"], 1e-7)
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ def cmd_step(args: argparse.Namespace, overrides: list[str]) -> None:
     optimizer = make_optimizer(model, cfg)
     m = cfg.model
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tgdp | method {cfg.method} | preset {cfg.preset} | {n_params / 1e6:.2f} M trainable parameters | "
+    print(f"tgdp | method {cfg.method} | preset {cfg.preset_name} | {n_params / 1e6:.2f} M trainable parameters | "
           f"audio {m.num_audio_patches} + visual {m.num_visual_patches} patches | batch {args.batch} | {device}")
     print("random inputs stand in for data: the losses show the step runs, not what it learns")
     for step in range(args.steps):

@@ -153,7 +153,7 @@ class TrainConfig:
 @dataclass
 class Config:
     method: str = "tgdp"  # "tgdp" | "sync" | "cavmae"
-    preset: str = "base"  # the preset this config started from (informational)
+    preset_name: str = "base"  # the preset this config started from (informational)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -172,7 +172,7 @@ class Config:
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        cfg = cls.from_dict({"preset": name, **PRESETS[name]})
+        cfg = cls.from_dict({"preset_name": name, **PRESETS[name]})
         method = overrides.get("method", cfg.method)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -205,6 +205,8 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
         """Inverse of to_dict; unknown sections or fields are rejected with the valid names."""
+        if "preset" in data and "preset_name" not in data:  # the field's name in the first checkpoints
+            data = {("preset_name" if k == "preset" else k): v for k, v in data.items()}
         return _build(cls, data, "config")
 
     def save(self, path: str | Path) -> None:

@@ -293,7 +293,7 @@ class Retriever:
         n_params = sum(p.numel() for p in self.model.parameters())
         return {"checkpoint": str(self.checkpoint),
                 "format": "official CAV-MAE Sync / TG-DP" if self.official else "tgdp",
-                "method": self.cfg.method, "preset": self.cfg.preset, "step": self.step,
+                "method": self.cfg.method, "preset": self.cfg.preset_name, "step": self.step,
                 "parameters": n_params, "priority": f"{self.guide_source}, {self.priority_direction}",
                 "gallery": str(self.gallery), "clips": len(self.clips), "skipped": dict(self.dataset.skipped),
                 "embedding_cache": str(self.cache_file), "device": str(self.device)}
@@ -546,7 +546,7 @@ def build_app(checkpoint: str | Path = DEFAULT_CHECKPOINT, gallery: str | Path =
 
     with gr.Blocks(title="TG-DP retrieval", analytics_enabled=False) as app:
         step = f", step {r.step}" if r.step is not None else ""
-        gr.Markdown(f"## TG-DP cross-modal retrieval\n`{r.checkpoint}` · {r.cfg.method} ({r.cfg.preset}){step} · "
+        gr.Markdown(f"## TG-DP cross-modal retrieval\n`{r.checkpoint}` · {r.cfg.method} ({r.cfg.preset_name}){step} · "
                     f"gallery `{r.gallery.name}`: {len(r.clips):,} clips of {K} frames")
         with gr.Tabs():
             with gr.Tab("Audio → image", id="a2v"):

@@ -100,8 +100,8 @@ def write_csv(path: Path, rows: dict[str, dict[str, float]]) -> None:
 
 def with_method(base: Config, method: str, steps: int) -> Config:
     """``base`` (preset, data, recipe) switched to ``method`` with its own defaults, for ``steps`` steps."""
-    sections = {k: v for k, v in base.to_dict().items() if k not in ("method", "preset", "model")}
-    cfg = Config.preset(base.preset, method=method, **sections)
+    sections = {k: v for k, v in base.to_dict().items() if k not in ("method", "preset_name", "model")}
+    cfg = Config.preset(base.preset_name, method=method, **sections)
     cfg.train.steps = steps
     return cfg
 

@@ -135,7 +135,7 @@ class TrainResult:
 
 
 def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset}-{cfg.method}"
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset_name}-{cfg.method}"
 
 
 def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Callable[[dict], Any]] = (),
@@ -184,7 +184,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
         if dist.is_main():  # the restored history, then this run's records (drops those logged after the checkpoint)
             log = open(out_dir / "metrics.jsonl", "w")
             log.writelines(json.dumps(r) + "\n" for r in history)
-        bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.method} {cfg.preset}",
+        bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.method} {cfg.preset_name}",
                    unit="step", disable=not dist.is_main())
         window_start, window_samples, collapse_warned = time.perf_counter(), 0, False
         step = start_step

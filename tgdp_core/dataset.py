@@ -325,7 +325,11 @@ class StepSampler(Sampler):
         return max(0, self.total - self.start)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        """The epoch's clip order; the last one is kept, so a step costs no randperm of the corpus."""
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm_epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm
 
     def batch_at(self, step: int) -> list[tuple[int, int, int]]:
         positions = range(step * self.batch, (step + 1) * self.batch)
@@ -338,13 +342,7 @@ class StepSampler(Sampler):
         return list(zip(clips[lo:lo + share], frames[lo:lo + share], seeds[lo:lo + share]))
 
     def _clips(self, positions: range) -> list[int]:
-        out, cached_epoch, perm = [], None, None
-        for p in positions:
-            epoch = p // self.n
-            if epoch != cached_epoch:
-                cached_epoch, perm = epoch, self._permutation(epoch)
-            out.append(int(perm[p % self.n]))
-        return out
+        return [self._permutation(p // self.n)[p % self.n] for p in positions]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for step in range(self.start, self.total):

@@ -424,8 +424,9 @@ def evaluate_model(model, test_set, train_set=None, batch_size: int = 16, probe_
         metrics.update(pair_class_precision(a, v, fy))
     if train_set is not None and y.shape[1]:
         ta, tv, ty, _ = embed_clips(model, train_set, batch_size, progress=progress)
-        pooled = lambda a_, v_: torch.cat([a_.mean(1), v_.mean(1)], dim=1)  # noqa: E731  (N, 2D)
-        metrics.update(linear_probe(pooled(ta, tv), ty, pooled(a, v), y, multilabel=True, epochs=probe_epochs))
+        train_x = torch.cat([ta.mean(1), tv.mean(1)], dim=1)  # (N, 2D) clip features
+        test_x = torch.cat([a.mean(1), v.mean(1)], dim=1)
+        metrics.update(linear_probe(train_x, ty, test_x, y, multilabel=True, epochs=probe_epochs))
     return metrics
 
 

@@ -26,7 +26,9 @@ from .checkpoint import load_model
 from .config import Config
 from .dataset import AVDataset
 from .evaluate import evaluate_model, markdown_table, pair_chance
-from .trainer import train
+from .model import build_model
+from .trainer import resolve_data, train
+from .viz import plot_ablation, plot_quickstart
 
 # The paper's ablation (DESIGN.md, "TG-DP (the paper)"): overrides of the TG-DP config and the
 # published VGGSound A->V R@1 / AS20K attention-probe mAP of each row.
@@ -148,10 +150,6 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int | None = None, pr
 
     ``cfg``: the starting config (default: the tiny preset on the default AV-Digits set).
     """
-    from .model import build_model
-    from .trainer import resolve_data
-    from .viz import plot_quickstart
-
     out = Path(out)
     base = resolve_data(cfg or Config.preset("tiny"))
     steps = steps or base.train.steps
@@ -180,9 +178,6 @@ ABLATION_STEPS = 600  # steps per row at --budget 1 (7 rows x 3 seeds: about an 
 def ablate(out: str | Path = "runs/ablate", budget: float = 1.0, seeds: int = 3, probe_clips: int = 1000,
            rows: list[str] | None = None, cfg: Config | None = None) -> dict[str, dict[str, float]]:
     """The paper's ablation rows on AV-Digits: mean and sd over ``seeds`` seeds per row."""
-    from .trainer import resolve_data
-    from .viz import plot_ablation
-
     out = Path(out)
     base = resolve_data(cfg or Config.preset("tiny"))
     steps = max(1, int(round(ABLATION_STEPS * budget)))

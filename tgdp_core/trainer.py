@@ -85,11 +85,12 @@ class NonFiniteLossError(FloatingPointError):
 def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: torch.optim.Optimizer,
                fbank: torch.Tensor, frames: torch.Tensor, step: int,
                generator: torch.Generator | None = None, student: TGDPModel | None = None,
-               autocast=None, rows: tuple[int, int] | None = None) -> dict[str, float]:
+               autocast=None, rows: tuple[int, int] | None = None, log: bool = True) -> dict[str, float]:
     """One optimiser step; returns the loss parts, gradient norm and embedding statistics.
 
     ``model`` may be a DDP wrapper of ``student`` (the unwrapped model, whose encoder the
-    teacher follows); in one process leave ``student`` None.
+    teacher follows); in one process leave ``student`` None. With ``log=False`` the statistics
+    (and their all-reduce across ranks) are skipped and the record is empty.
     """
     student = student or model
     cfg = student.cfg
@@ -107,6 +108,11 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
     grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
                  if cfg.train.grad_clip > 0 else torch.tensor(math.nan))
     optimizer.step()
+    momentum = momentum_at(step, cfg.train.steps, cfg.teacher.momentum_start, cfg.teacher.momentum_end)
+    if teacher is not None:
+        teacher.update(student.encoder, momentum)
+    if not log:
+        return {}
     with torch.no_grad():
         # collapse watch: mean cosine between different samples' audio and visual embeddings
         a = F.normalize(out.audio.float(), dim=-1)
@@ -120,8 +126,6 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
             values /= dist.world_size()
     record = dict(zip(names, values.tolist()), grad_norm=float(grad_norm))
     if teacher is not None:
-        momentum = momentum_at(step, cfg.train.steps, cfg.teacher.momentum_start, cfg.teacher.momentum_end)
-        teacher.update(student.encoder, momentum)
         record["momentum"] = momentum
     return record
 
@@ -195,12 +199,13 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 rows = (dist.rank() * fbank.shape[0], cfg.train.batch_size)
+                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
                 record = train_step(model, teacher, optimizer, fbank, frames, step,
-                                    mask_generator(cfg, step, device), student, autocast, rows)
+                                    mask_generator(cfg, step, device), student, autocast, rows, log_now)
                 window_samples += fbank.shape[0] * dist.world_size()
                 step += 1
                 bar.update(1)
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                if log_now:
                     now = time.perf_counter()
                     record.update(step=step, lr=lr_at(step - 1, cfg),
                                   samples_per_s=window_samples / max(now - window_start, 1e-9))
@@ -284,8 +289,8 @@ def _save(out_dir: Path, cfg: Config, student: TGDPModel, teacher: EMATeacher | 
         student, step=step, teacher=teacher.state_dict() if teacher else None,
         optimizer=optimizer.state_dict(), history=history,
         rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
-    ckpt.save_checkpoint(payload, out_dir / f"step{step:07d}.pt")
-    ckpt.save_checkpoint(payload, out_dir / "last.pt")
+    step_file = ckpt.save_checkpoint(payload, out_dir / f"step{step:07d}.pt")
+    ckpt.link_atomically(step_file, out_dir / "last.pt")  # the same bytes, serialised once
     for old in sorted(out_dir.glob("step*.pt"))[:-cfg.train.keep_checkpoints]:
         old.unlink()
 

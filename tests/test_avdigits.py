@@ -105,8 +105,14 @@ def test_sequences_unique_and_retrieval_bounds(sets):
 def test_events_are_aligned_and_relevant_content_is_a_minority(sets):
     for split in avd.SPLITS:
         rel = avd.load_relevance(sets[0], split)
-        slots = np.arange(4)[:, None] * 1.28
-        assert np.all(rel.speech >= slots - 1e-9) and np.all(rel.speech <= slots + 1.28 + 1e-9)
+        # Spoken digit j is centred between its frames 2j and 2j+1 (at 1.28 j + 0.32 s, +-0.15 s),
+        # so the 1.28 s window around either frame holds it.
+        centres = rel.speech.mean(axis=-1)  # (N, 4)
+        assert np.all(np.abs(centres - (np.arange(4) * 1.28 + 0.32)) <= 0.15 + 1e-3)
+        for frame in range(8):
+            start = avd.window_start(frame, 1.28)
+            own = rel.speech[:, frame // 2]
+            assert np.mean((own[:, 0] >= start - 0.05) & (own[:, 1] <= start + 1.28 + 0.05)) > 0.9
         spoken = (rel.speech[..., 1] - rel.speech[..., 0]).sum(axis=1) / avd.CLIP_SECONDS  # (N,)
         assert 0.15 < spoken.mean() <= 0.4 and spoken.max() <= 0.5
         shares, touched = [], []
@@ -176,7 +182,7 @@ def test_no_cross_modal_nuisance_correlation(sets):
                               20 * np.log10(np.sqrt(np.mean(wave[onset:offset] ** 2))), rel.speech[clip, j, 0] - 1.28 * j))
     visual, audio = np.array(visual, float), np.array(audio, float)
     # The measurements are real: pixels under the masks carry the painted colour, areas the size.
-    assert np.corrcoef(visual[:, 0], visual[:, 3])[0, 1] > 0.8
+    assert np.corrcoef(visual[:, 0], visual[:, 3])[0, 1] > 0.7
     assert np.corrcoef(visual[:, 1], visual[:, 4])[0, 1] > 0.5
     # 320 events (80 clips for the clip-level pitch): |r| < 0.3 is about 3 standard errors at 80.
     r = np.corrcoef(visual[:, :3].T, audio.T)[:3, 3:]  # (glyph luminance, area, x) x (pitch, speed, loudness, onset)
@@ -239,10 +245,25 @@ def test_background_contrast_flattens_the_texture(tmp_path):
 
     knobs = dict(clutter_density=0.0)
     flat = avd.generate(tmp_path / "flat", 3, 1, workers=1, background_contrast=0.0, **knobs)
-    textured = avd.generate(tmp_path / "textured", 3, 1, workers=1, **knobs)
+    textured = avd.generate(tmp_path / "textured", 3, 1, workers=1, background_contrast=1.0, **knobs)
     assert background_spread(flat) < 0.3 * background_spread(textured)
     with pytest.raises(ValueError, match="background_contrast"):
         avd.generate(tmp_path / "bad", 1, 1, background_contrast=1.5)
+
+
+def test_grid_cells_put_still_digits_on_whole_cells(tmp_path):
+    root = avd.generate(tmp_path / "grid", 4, 1, workers=1, grid_cells=6, digit_scale=0.33)
+    boxes = avd.load_relevance(root, "train").boxes.astype(float)  # (N, 8, 4) x0, y0, x1, y1
+    cell = avd.FRAME_SIZE / 6
+    centres = (boxes[..., :2] + boxes[..., 2:]) / 2 / cell  # in cells
+    # A glyph spanning k cells is centred on a block of k whole cells: its centre sits on a
+    # cell centre (odd k) or a cell border (even k), to within the glyph's rasterisation.
+    span = np.ceil((boxes[..., 2:] - boxes[..., :2]).max(-1, keepdims=True) / cell - 1e-9)
+    offset = np.where(span % 2 == 1, 0.5, 0.0)
+    assert np.abs((centres - offset) - np.round(centres - offset)).max() < 2.5 / cell
+    assert np.array_equal(boxes[:, 0::2], boxes[:, 1::2])  # the glyph holds still within its event
+    with pytest.raises(ValueError, match="grid_cells"):
+        avd.generate(tmp_path / "bad", 1, 1, grid_cells=-1)
 
 
 def test_dark_ink_share_draws_dark_glyphs_on_light_grounds(tmp_path):

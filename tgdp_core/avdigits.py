@@ -7,16 +7,25 @@ be seen (which tokens the teacher keeps) and measured (retrieval, probes) on a l
 
 A clip is a 5.12 s "video": 8 frames (frame i at 0.64 i s) and a 16 kHz mono waveform.
 
-    event j (j = 0..3) owns the slot [1.28 j, 1.28 (j + 1)) s and has a digit d_j
-    frames 2j and 2j+1 show d_j written (handwritten or typeset, small, among clutter;
-        frame 2j+1 is the same glyph moved by a few pixels)
-    d_j is spoken once, somewhere inside slot j, by the clip's voice
+    event j (j = 0..3) has a digit d_j
+    frames 2j and 2j+1 (at 1.28 j and 1.28 j + 0.64 s) show d_j written (handwritten or
+        typeset, small, among clutter; frame 2j+1 is the same glyph moved by a few pixels)
+    d_j is spoken once by the clip's voice, centred within +-0.15 s of 1.28 j + 0.32 s,
+        the midpoint of its two frames
 
-The relevant content is a minority: the digit's box is at most `digit_scale` (default 0.3) of
+Speech sits between the frames that show it, so the audio window the loaders pair with either
+frame (centred on the frame's time, DESIGN.md) holds that digit's speech and at most a few
+tens of ms of a neighbour's when the window is one event long (1.28 s, the tiny preset): no
+training pair holds more than 20 % of another digit's speech. With speech anywhere in a 1.28 s
+slot starting at frame 2j (version 3) and the 1.92 s windows tiny used then, 56 % of the pairs
+held more than half of a second digit's speech besides their own.
+
+The relevant content is a minority: the digit's box is at most `digit_scale` (default 0.33) of
 the frame side, so it touches at most 3 x 3 of the 6 x 6 patches at 96 px (tiny) and 4 x 4 of
-the 8 x 8 at the stored 128 px; the rest is textures, shapes, lines and letters. Speech fills
-about `speech_share` (default 0.3) of the duration; the rest is a noise bed, quiet stretches,
-babble words, tones, chirps and noise bursts.
+the 8 x 8 at the stored 128 px; the rest is textures, shapes, lines and letters. By default
+(`grid_cells` 6) a digit sits centred on a block of whole cells of the tiny preset's 6 x 6
+patch grid. Speech fills about `speech_share` (default 0.3) of the duration; the rest is a
+noise bed, quiet stretches, babble words, tones, chirps and noise bursts.
 
 Only the digit identity (and, through the slots, its order) is shared by the two modalities.
 Every nuisance attribute (glyph source, font, colour, size, position, rotation, background;
@@ -68,14 +77,14 @@ import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-VERSION = "3"  # 2: manifests carry frame_labels; 3: dark_ink_share, background_contrast
+VERSION = "4"  # 2: manifests carry frame_labels; 3: dark_ink_share, background_contrast; 4: speech between its frames
 SAMPLE_RATE = 16_000
 CLIP_SECONDS = 5.12
 CLIP_SAMPLES = 81_920  # 5.12 s at 16 kHz
 FRAMES_PER_CLIP = 8
 EVENTS_PER_CLIP = 4
 FRAME_STEP_S = CLIP_SECONDS / FRAMES_PER_CLIP  # 0.64 s: frame i is at i * 0.64 s
-SLOT_SAMPLES = CLIP_SAMPLES // EVENTS_PER_CLIP  # 1.28 s: event j owns [j, j + 1) * 1.28 s
+SLOT_SAMPLES = CLIP_SAMPLES // EVENTS_PER_CLIP  # 1.28 s between events (and their frames 2j)
 FRAME_SIZE = 128  # stored frames are FRAME_SIZE x FRAME_SIZE; loaders resize per preset
 FBANK_SHIFT_S = 0.01  # Kaldi fbank frame shift (DESIGN.md, Backbone)
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -115,6 +124,8 @@ CLUTTER_ITEMS = 10  # mean clip-level clutter items (shapes, lines, letters) at 
 EVENT_LETTERS = 1.0  # mean distractor letters per event (they change with the digit) at density 1
 JPEG_QUALITY = 90
 
+SPEECH_CENTRE_S = FRAME_STEP_S / 2  # spoken digit j is centred at 1.28 j + this (between frames 2j and 2j+1) ...
+SPEECH_CENTRE_JITTER_S = 0.15  # ... give or take up to this
 SPEECH_DURATION_JITTER = (0.7, 1.3)  # each spoken digit aims at U(0.7, 1.3) * speech_share * 1.28 s
 SPEECH_GAIN_DB = 4.0  # per spoken digit loudness jitter, +-dB
 FADE_S = 0.005  # raised-cosine ramps on every pasted sound: trimmed stems start abruptly
@@ -128,31 +139,38 @@ NOISE_BANK_SECONDS = 30.0  # length of each bank noise; beds are random stretche
 
 @dataclass(frozen=True)
 class Knobs:
-    """Difficulty knobs, arguments of `generate`. Defaults: moderate difficulty, to be tuned by
-    training measurements (the lead's call); every field is also a CLI option."""
+    """Difficulty knobs, arguments of `generate`; every field is also a CLI option.
 
-    digit_scale: float = field(default=0.3, metadata={"help": (
+    The defaults were chosen by measurement (README, "AV-Digits: choosing the defaults"): digits
+    on the tiny patch grid in dark ink, half the clutter, low-contrast textures."""
+
+    digit_scale: float = field(default=0.33, metadata={"help": (
         "longest side of a digit's box as a fraction of the frame side (each glyph draws U(0.7, 1) "
         "of it); <= 1/3 keeps a digit within 3 x 3 of 6 x 6 patches at 96 px")})
     snr_db: float = field(default=15.0, metadata={"help": (
         "speech RMS (over the spoken digits) over the RMS of the continuous noise bed, dB; "
         "distractor sounds come on top, 0 to 6 dB below the speech")})
-    clutter_density: float = field(default=1.0, metadata={"help": (
+    clutter_density: float = field(default=0.5, metadata={"help": (
         "scales the number of distractors: clutter items and letters per frame (mean 10 + 1) "
         "and distractor sounds per clip (mean 4)")})
     speech_share: float = field(default=0.3, metadata={"help": (
         "target share of the clip's duration covered by spoken digits; stems span roughly "
         "0.2 to 0.45, values outside saturate")})
     num_classes: int = field(default=10, metadata={"help": "digits used: 0 .. num_classes-1 (2..10)"})
-    handwritten_share: float = field(default=0.5, metadata={"help": (
+    handwritten_share: float = field(default=0.3, metadata={"help": (
         "probability that a shown digit is handwritten (load_digits) rather than typeset")})
-    dark_ink_share: float = field(default=0.0, metadata={"help": (
+    dark_ink_share: float = field(default=1.0, metadata={"help": (
         "share of clips drawn as dark ink on light grounds (backgrounds from the light half of the "
         "colour cube, glyphs from the dark third); the others take any colours, so a glyph may be "
         "lighter or darker than its ground")})
-    background_contrast: float = field(default=1.0, metadata={"help": (
+    background_contrast: float = field(default=0.3, metadata={"help": (
         "scales the colour difference within a textured background (gradient, grating, noise, "
         "checkerboard); 0 gives a flat colour with grain")})
+    grid_cells: int = field(default=6, metadata={"help": (
+        "> 0: each digit is centred on a block of cells of a grid_cells x grid_cells grid over the "
+        "frame and holds still (no motion, no camera shake); 6 is the tiny preset's patch grid. "
+        "0: digits anywhere, moving a few pixels. A ViT trained from scratch on a few thousand "
+        "clips learns shapes that straddle patch borders at random very slowly")})
 
     def validate(self) -> None:
         problems = []
@@ -170,6 +188,8 @@ class Knobs:
             problems.append(f"background_contrast={self.background_contrast} must lie in [0, 1]")
         if not 0.0 <= self.handwritten_share <= 1.0:
             problems.append(f"handwritten_share={self.handwritten_share} must lie in [0, 1]")
+        if self.grid_cells < 0:
+            problems.append(f"grid_cells={self.grid_cells} must be >= 0")
         if problems:
             raise ValueError("invalid AV-Digits knobs: " + "; ".join(problems))
 
@@ -504,7 +524,8 @@ def _render_frames(rng: np.random.Generator, material: _Material, pool: _Pool, d
         letters = [_glyph(rng, _typeset(pool.fonts[rng.integers(len(pool.fonts))], LETTERS[rng.integers(len(LETTERS))]),
                           knobs, dark_ink, avoid=glyph) for _ in range(rng.poisson(EVENT_LETTERS * knobs.clutter_density))]
         for step in range(2):
-            shake = rng.integers(0, 2 * CAMERA_SHAKE_PX + 1, size=2)
+            shake = (np.full(2, CAMERA_SHAKE_PX) if knobs.grid_cells
+                     else rng.integers(0, 2 * CAMERA_SHAKE_PX + 1, size=2))
             frame = canvas[shake[1]:shake[1] + FRAME_SIZE, shake[0]:shake[0] + FRAME_SIZE].copy()
             for letter in letters:
                 if letter is not None:
@@ -532,14 +553,27 @@ def _glyph(rng: np.random.Generator, ink: np.ndarray, knobs: Knobs, dark_ink: bo
     tell them apart. With `avoid`, the glyph keeps off that one (None when no free place is found)."""
     alpha = _shape(ink, rng.uniform(MIN_SIZE_FACTOR, 1.0) * knobs.digit_scale * FRAME_SIZE,
                    rng.uniform(-1, 1) * MAX_ROTATION_DEG)
+    colour = rng.random(3) * (DARK_INK if dark_ink else 1.0)
+    if knobs.grid_cells and avoid is None:  # a digit on the grid, still
+        at = _on_grid(rng, alpha.shape, knobs.grid_cells)
+        return _Glyph(alpha=alpha, at=np.stack([at, at]), colour=colour.astype(np.float32))
     free = FRAME_SIZE - 2 * MOTION_PX - np.array(alpha.shape[::-1])  # keep the glyph and its motion inside
     for _ in range(PLACE_TRIES):
         at = MOTION_PX + rng.integers(0, free + 1)
         if avoid is None or not _overlap(at, alpha.shape, avoid.at[0], avoid.alpha.shape, 2 * MOTION_PX):
             moved = at + rng.integers(-MOTION_PX, MOTION_PX + 1, size=2)
-            colour = rng.random(3) * (DARK_INK if dark_ink else 1.0)
             return _Glyph(alpha=alpha, at=np.stack([at, moved]), colour=colour.astype(np.float32))
     return None
+
+
+def _on_grid(rng: np.random.Generator, shape: tuple, cells: int) -> np.ndarray:
+    """Top-left (x, y) that centres a (h, w) glyph on a random block of whole cells of a
+    cells x cells grid over the frame (the block: the fewest cells that hold the glyph)."""
+    cell = FRAME_SIZE / cells
+    span = int(np.ceil(max(shape) / cell - 1e-9))
+    corner = rng.integers(0, cells - span + 1, size=2)  # block's top-left cell (x, y)
+    offset = (span * cell - np.array(shape[::-1])) / 2
+    return (corner * cell + offset).astype(int)
 
 
 def _overlap(at_a: np.ndarray, shape_a: tuple, at_b: np.ndarray, shape_b: tuple, margin: int) -> bool:
@@ -698,7 +732,9 @@ def _render_audio(rng: np.random.Generator, material: _Material, pool: _Pool, di
         stem = min(options, key=lambda k: abs(len(material.stems[k]) - target))
         gain_db = rng.uniform(-SPEECH_GAIN_DB, SPEECH_GAIN_DB)
         audio = _fade(_unit_rms(material.stems[stem])) * 10 ** (gain_db / 20)
-        onset = j * SLOT_SAMPLES + int(rng.integers(0, SLOT_SAMPLES - len(audio) + 1))
+        centre = (j * SLOT_SAMPLES / SAMPLE_RATE + SPEECH_CENTRE_S
+                  + rng.uniform(-SPEECH_CENTRE_JITTER_S, SPEECH_CENTRE_JITTER_S))
+        onset = min(max(0, round(centre * SAMPLE_RATE) - len(audio) // 2), CLIP_SAMPLES - len(audio))
         speech[onset:onset + len(audio)] += audio
         intervals[j] = onset / SAMPLE_RATE, (onset + len(audio)) / SAMPLE_RATE
         speeds.append(material.speed[stem])

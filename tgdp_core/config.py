@@ -326,7 +326,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "tiny": {
         "model": dict(embed_dim=128, num_heads=4, specific_depth=2, decoder_dim=64, decoder_depth=1,
-                      decoder_heads=4, image_size=96, mel_bins=64, audio_frames=192, num_registers=4),
+                      decoder_heads=4, image_size=96, mel_bins=64, audio_frames=128, num_registers=4),
         "objective": dict(temperature=0.2),
         # the AV-Digits layout: 5.12 s clips, 8 frames, one every 0.64 s
         "data": dict(clip_frames=512, frames_per_clip=8),

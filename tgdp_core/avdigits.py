@@ -9,7 +9,8 @@ A clip is a 5.12 s "video": 8 frames (frame i at 0.64 i s) and a 16 kHz mono wav
 
     event j (j = 0..3) has a digit d_j
     frames 2j and 2j+1 (at 1.28 j and 1.28 j + 0.64 s) show d_j written (handwritten or
-        typeset, small, among clutter; frame 2j+1 is the same glyph moved by a few pixels)
+        typeset, small, among clutter; frame 2j+1 is the same glyph, held still on the patch
+        grid by default, moved by a few pixels with grid_cells=0)
     d_j is spoken once by the clip's voice, centred within +-0.15 s of 1.28 j + 0.32 s,
         the midpoint of its two frames
 
@@ -77,7 +78,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-VERSION = "4"  # 2: manifests carry frame_labels; 3: dark_ink_share, background_contrast; 4: speech between its frames
+VERSION = "4"  # 2: manifests carry frame_labels; 3: dark_ink_share, background_contrast; 4: speech between its frames, grid_cells
 SAMPLE_RATE = 16_000
 CLIP_SECONDS = 5.12
 CLIP_SAMPLES = 81_920  # 5.12 s at 16 kHz

@@ -34,8 +34,8 @@ def served(tmp_path_factory):
 
     An untrained model pairs audio and frames at random. With each clip's frames one flat colour
     of its own (make_clips varies them more within a clip than between clips) and a strong
-    contrastive weight, 30 steps make every clip retrieve itself in both directions with a
-    margin (seeds 0-3 all do by step 10); the protocol test below holds for any model. The run
+    contrastive weight on full views, 30 steps make every clip retrieve itself in both
+    directions with a margin; the protocol test below holds for any model. The run
     folder holds the teacher, the step and the metrics.jsonl the page shows.
     """
     root = tmp_path_factory.mktemp("demo")
@@ -46,7 +46,10 @@ def served(tmp_path_factory):
     cfg = tg.Config.preset("tiny", data={"workers": 0, "train_manifest": str(manifest)},
                            train={"batch_size": CLIPS, "steps": 30, "warmup_steps": 3, "lr": 1e-3, "log_every": 10,
                                   "checkpoint_every": 1000},
-                           objective={"contrastive_weight": 1.0, "rec_weight": 0.1})
+                           # full contrastive views: a tone fills one of the 4 frequency rows, which
+                           # 50 % masking by a still-random teacher often drops (then clip0 did not
+                           # find itself at tiny's 128-frame windows)
+                           objective={"contrastive_weight": 1.0, "rec_weight": 0.1, "contrastive_mask_ratio": 0.0})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a batch of 3 tiny samples: threads only add contention on a busy CI box
     try:

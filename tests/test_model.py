@@ -179,9 +179,9 @@ def test_base_preset_matches_the_official_architecture():
 
 
 @pytest.mark.parametrize("call,bad,message", [
-    ("encode_audio", torch.zeros(2, 64, 192), r"fbank must have shape \(B, 192, 64\), got \(2, 64, 192\)"),
-    ("encode_audio", torch.zeros(2, 192, 64, dtype=torch.int64), r"floating-point"),
-    ("encode_audio", torch.full((2, 192, 64), float("nan")), r"NaN or infinite"),
+    ("encode_audio", torch.zeros(2, 64, 128), r"fbank must have shape \(B, 128, 64\), got \(2, 64, 128\)"),
+    ("encode_audio", torch.zeros(2, 128, 64, dtype=torch.int64), r"floating-point"),
+    ("encode_audio", torch.full((2, 128, 64), float("nan")), r"NaN or infinite"),
     ("encode_visual", torch.zeros(2, 96, 96, 3), r"frames must have shape \(B, 3, 96, 96\)"),
     ("encode_visual", [[0.0]], r"must be a torch.Tensor"),
 ])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import avdigits, demo, prepare
+from . import avdigits, bench, demo, prepare
 from .config import METHODS, PRESETS, Config
 
 
@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rows", nargs="*", help="a subset of the rows, by name (default: all)")
     p.set_defaults(func=cmd_ablate)
+    p = sub.add_parser("bench", help="time each method's training step, the loader and the demo (issue #7)")
+    bench.add_arguments(p)
+    p.set_defaults(func=lambda args, overrides: sys.exit(bench.main(args, overrides)))
     p = sub.add_parser("demo", help="Gradio cross-modal retrieval demo (binds to 127.0.0.1)")
     demo.add_arguments(p)
     p.set_defaults(func=lambda args, overrides: _no_overrides(overrides) or sys.exit(demo.main(args)))

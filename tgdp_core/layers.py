@@ -76,8 +76,10 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]  # each (B, H, N, Dh)
+        # unbind, not indexing: its backward stacks the three gradients into one buffer instead
+        # of zero-filling and summing three qkv-sized tensors
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)  # each (B, N, H, Dh)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, H, N, Dh)
 
     def forward_global(self, x: torch.Tensor, priority: str | None = None):
         """Attention output of token 0 only: (B, N, D) -> (B, 1, D), and the priority (B, N-1).

@@ -35,12 +35,14 @@ from .teacher import EMATeacher, guidance_active, momentum_at, needs_teacher
 
 # ---------------------------------------------------------------------- pieces
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Adam with the CAV-MAE recipe's weight decay and betas (fused kernels on CUDA)."""
+    """Adam with the CAV-MAE recipe's weight decay and betas.
+
+    Fused kernels on CPU as on CUDA: one pass over each tensor instead of a chain of
+    temporaries (``base`` on one CPU core: ~0.17 s per update instead of ~0.6 s).
+    """
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                            **({"fused": True} if fused else {}))
+    return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=True)
 
 
 def make_teacher(model: TGDPModel) -> EMATeacher | None:
@@ -94,6 +96,8 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
     """
     student = student or model
     cfg = student.cfg
+    # the last step's gradients are spent: free them before this step's activations (peak memory)
+    optimizer.zero_grad(set_to_none=True)
     with autocast or nullcontext():
         guide = None
         if teacher is not None:
@@ -103,7 +107,6 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
     if not torch.isfinite(out.loss):
         raise NonFiniteLossError(f"non-finite loss at step {step}: "
                                  + ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items()))
-    optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
                  if cfg.train.grad_clip > 0 else torch.tensor(math.nan))

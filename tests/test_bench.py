@@ -1,0 +1,112 @@
+"""The benchmark: analytic FLOPs against PyTorch's counter, the command end to end, the targets.
+
+Performance itself is measured by ``python -m tgdp_core bench``, never asserted here.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import tgdp_core as tg
+from tgdp_core import bench
+from tgdp_core.flops import step_flops
+from tgdp_core.teacher import guidance_active
+from tgdp_core.trainer import make_optimizer, make_teacher, train_step
+
+from conftest import tiny_batch
+from test_dataset import make_clips
+
+
+def counted_step_flops(cfg, batch=2, step=0):
+    """FLOPs of one real ``train_step`` as torch.utils.flop_counter counts them.
+
+    The math attention backend runs attention as batched matmuls, which the counter sees
+    (it has no formula for the fused CPU kernel) and whose backward is two products per
+    forward product, the convention flops.py follows.
+    """
+    model = tg.build_model(cfg)
+    teacher, optimizer = make_teacher(model), make_optimizer(model, cfg)
+    audio, frames = tiny_batch(cfg, batch)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        train_step(model, teacher, optimizer, audio, frames, step, log=False)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("tgdp", {}),
+    ("sync", {}),
+    ("cavmae", {}),
+    ("tgdp", {"objective.score_direction": "global_to_patch"}),
+    ("tgdp", {"teacher.guidance_warmup_steps": 5}),  # teacher without priority during the warm-up
+    ("tgdp", {"objective.selection": "random", "objective.distill_weight": 0.0}),  # no teacher at all
+])
+def test_analytic_flops_match_the_flop_counter_on_a_real_step(method, overrides):
+    cfg = tg.Config.preset("tiny", method=method, **overrides)
+    counted = counted_step_flops(cfg)
+    analytic = step_flops(cfg, batch=2, guided=guidance_active(cfg, 0)).total
+    assert analytic == pytest.approx(counted, rel=0.01)
+
+
+def test_flop_parts_add_up_and_tgdp_costs_more_than_sync():
+    cfg = tg.Config.preset("base")
+    flops = step_flops(cfg, batch=8)
+    assert flops.total == flops.forward + flops.backward == sum(f + b for f, b in flops.parts.values())
+    assert flops.parts["EMA teacher (forward only)"][1] == 0
+    assert flops.total > step_flops(tg.Config.preset("base", method="sync"), batch=8).total
+
+
+def fake_report(step_ratio, flop_ratio, peak_share, loader_ratio, preset="small", batch=32, step_s=1.0, gb=1.0):
+    return {"setup": {"preset": preset, "batch": batch},
+            "methods": {"tgdp": {"percent_of_peak": 100 * peak_share, "dtype": "bf16", "step_s": step_s,
+                                 "peak_memory_bytes": gb * 1e9}},
+            "tgdp_over_sync": {"step_time": step_ratio, "flops": flop_ratio},
+            "loader": {"ratio": loader_ratio}}
+
+
+def test_targets_pass_and_fail_at_their_bounds():
+    verdicts = [t["pass"] for t in bench.targets(fake_report(2.5, 2.3, 0.41, 3.5))]
+    assert verdicts == [True, True, True]
+    verdicts = [t["pass"] for t in bench.targets(fake_report(2.6, 2.3, 0.39, 2.9))]
+    assert verdicts == [False, False, False]
+    # the peak-share target is the small preset's: other presets report the share without a verdict
+    assert bench.targets(fake_report(2.5, 2.3, 0.1, 3.5, preset="tiny"))[1]["pass"] is None
+    # base at batch 8 adds the reference's step time (17.2 s / 1.5) and memory (7.3 GB)
+    base = bench.targets(fake_report(2.5, 2.3, 0.1, 3.5, preset="base", batch=8, step_s=11.4, gb=7.4))
+    assert [t["pass"] for t in base] == [True, None, True, False, True]
+
+
+def test_bench_command_writes_json_and_markdown(tmp_path):
+    manifest = make_clips(tmp_path / "data", n=3)
+    out = tmp_path / "report" / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "tgdp_core", "bench", "--preset", "tiny", "--device", "cpu", "--steps", "2",
+         "--warmup", "1", "--gallery", "10", "--embed-clips", "3", "--queries", "2", "--loader-batches", "2",
+         "--out", str(out), f"--data.train_manifest={manifest}", f"--data.test_manifest={manifest}",
+         "--data.workers=0"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["tgdp", "sync", "cavmae"]
+    for row in report["methods"].values():
+        assert {"step_s", "step_cpu_s", "samples_per_s", "flops_per_step", "achieved_flops_per_s",
+                "percent_of_peak", "peak_memory_bytes", "dtype"} <= set(row)
+        assert len(row["step_times_s"]) == 2
+    assert "fp32" in report["peak_flops_per_s"] and report["setup"]["train_dtype"] == "fp32"
+    assert {"step_time", "flops"} == set(report["tgdp_over_sync"])
+    assert {"samples_per_s", "tiny_tgdp_step_samples_per_s", "ratio"} <= set(report["loader"])
+    assert report["embed"]["clips"] == 3 and report["query"]["clips"] == 10
+    assert len(report["targets"]) == 3
+    table = out.with_suffix(".md").read_text()
+    assert table == result.stdout.split("report: ")[0].rstrip("\n") + "\n"
+    for method in ("tgdp", "sync", "cavmae"):
+        assert f"| {method} |" in table
+    assert "TG-DP / sync" in table and "loader:" in table and "query latency" in table and "targets:" in table
+
+
+def test_bad_bench_options_are_one_clear_line():
+    result = subprocess.run([sys.executable, "-m", "tgdp_core", "bench", "--methods", "tgdp,mae"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "unknown mae" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,469 @@
+"""``python -m tgdp_core bench``: what a training step, the loader and the demo cost (issue #7).
+
+One run measures, on this machine:
+
+    training     per method, in a fresh process each: the median step time over ``--steps``
+                 steps after ``--warmup`` (random inputs, the real ``train_step``), samples/s,
+                 the analytic FLOPs per step (``flops.py``), achieved FLOP/s against the matmul
+                 peak measured in the same run, and peak memory (CUDA: max_memory_allocated;
+                 CPU: the process's peak RSS, which a fresh process makes the method's own)
+    loader       samples/s of the training loader (feature cache, ``data.workers`` processes)
+                 on the built-in AV-Digits set against what a tiny TG-DP step consumes
+    embed        clips/s through ``evaluate.embed_clips`` (the demo's gallery embedding)
+    query        the demo's answer latency per direction on a ``--gallery``-clip gallery
+                 (``demo.query_latency``)
+
+and prints pass/fail lines for the issue's targets. The report is JSON (``--out``) plus a
+markdown table (beside it, ``.md``; always printed). Extra ``--section.field=value`` overrides
+apply to every config the run builds (``--data.*`` ones also point the loader, embedding and
+query measurements at another set).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import evaluate
+from .checkpoint import model_payload, save_checkpoint
+from .config import METHODS, PRESETS, Config
+from .dataset import AVDataset, train_loader
+from .demo import Retriever, query_latency
+from .flops import step_flops
+from .model import build_model
+from .teacher import EMATeacher, guidance_active
+from .trainer import (autocast_for, make_optimizer, make_teacher, mask_generator, resolve_data, resolve_device,
+                      train_step)
+
+SKIPPABLE = ("loader", "embed", "query")
+# The issue's targets.
+RATIO_SLACK = 1.1  # TG-DP / sync step time <= 1.1 x their analytic FLOP ratio
+PEAK_SHARE = 0.40  # the small preset reaches >= 40 % of the matmul peak of its training dtype
+LOADER_MARGIN = 3.0  # the loader delivers >= 3 x the samples a tiny TG-DP step consumes
+# The reference code's dual-path step at `base`, batch 8 (issue #7): 17.2 s and 7.3 GB; tgdp
+# should be >= 1.5 x faster and use less memory.
+REFERENCE_BASE_STEP_S, REFERENCE_BASE_BYTES, BASE_SPEEDUP = 17.2, 7.3e9, 1.5
+# Square matmul side for the peak: large enough to saturate MKL / oneDNN, and cuBLAS with the
+# launch and synchronisation cost under 1 %.
+PEAK_SIZE = {"cpu": 2048, "cuda": 8192}
+PEAK_SECONDS = 0.5  # minimum time spent per dtype measuring the peak
+
+
+# ---------------------------------------------------------------------- configs
+def bench_config(preset: str, method: str, precision: str, device: str, overrides: list[str]) -> Config:
+    """The preset for ``method`` with the run's precision, device and CLI overrides."""
+    cfg = Config.preset(preset, method=method, train={"precision": precision, "device": device})
+    return cfg.override(*overrides)
+
+
+def data_config(preset: str, overrides: list[str]) -> Config:
+    """The ``preset``'s TG-DP model on the built-in set: its data layout is tiny's (AV-Digits:
+    5.12 s clips, 8 frames), unless ``--data.*`` overrides name another set."""
+    cfg = Config.preset(preset, data=PRESETS["tiny"]["data"])
+    cfg.override(*(o for o in overrides if o.lstrip("-").startswith("data.")))
+    return resolve_data(cfg)
+
+
+def train_dtype(precision: str, device: str) -> str:
+    """The dtype matmuls run in under ``autocast_for``: bf16 when asked, or "auto" on CUDA."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device == "cuda") else "fp32"
+
+
+# ---------------------------------------------------------------------- matmul peak
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bf16 instruction sets (Linux /proc/cpuinfo); empty when it has none."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def matmul_peak(device: str, dtype: torch.dtype, seconds: float = PEAK_SECONDS) -> float:
+    """Best FLOP/s of a square product (``PEAK_SIZE`` for the device) in ``dtype`` over ``seconds``."""
+    size = PEAK_SIZE[device]
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best, spent = 0.0, 0.0
+    torch.mm(a, b)  # warm-up: kernel selection, packing buffers
+    while spent < seconds or best == 0.0:
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        took = time.perf_counter() - start
+        spent += took
+        best = max(best, 2 * size**3 / took)
+    return best
+
+
+def measure_peaks(device: str, dtype: str) -> dict[str, float]:
+    """FLOP/s peaks: fp32 on CPU (and bf16 where the CPU has it), bf16 on CUDA, and ``dtype``."""
+    wanted = {"bf16" if device == "cuda" else "fp32", dtype}
+    if device == "cpu" and cpu_bf16_flags():
+        wanted.add("bf16")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return {name: matmul_peak(device, dtypes[name]) for name in sorted(wanted)}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------- training steps
+def measure_training(cfg_dict: dict, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+    """Time ``warmup + steps`` training steps of a fresh model on random inputs (run it in a
+    fresh process: the peak RSS is then this method's alone)."""
+    cfg = Config.from_dict(cfg_dict)
+    device = resolve_device(cfg)
+    baseline_rss = _peak_rss()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device).train()
+    teacher = make_teacher(model)
+    optimizer = make_optimizer(model, cfg)
+    autocast = autocast_for(cfg, device)
+    m = cfg.model
+    fbank = torch.randn(batch, m.audio_frames, m.mel_bins, device=device)
+    frames = torch.randn(batch, 3, m.image_size, m.image_size, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, cpu_times = [], []
+    for step in range(warmup + steps):
+        _sync(device.type)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        train_step(model, teacher, optimizer, fbank, frames, step, mask_generator(cfg, step, device),
+                   autocast=autocast, log=False)
+        _sync(device.type)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    median = statistics.median(times[warmup:])
+    # CPU seconds (all threads) beside the wall clock: far below threads x wall, other work shared the cores
+    out = {"step_s": median, "step_times_s": times[warmup:], "warmup_times_s": times[:warmup],
+           "step_cpu_s": statistics.median(cpu_times[warmup:]), "samples_per_s": batch / median,
+           "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        out.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
+                   memory_measure="cuda max_memory_allocated")
+    else:
+        out.update(peak_memory_bytes=_peak_rss(), baseline_rss_bytes=baseline_rss,
+                   memory_measure="peak RSS of a fresh process (its baseline after imports: baseline_rss_bytes)")
+    return out
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports kilobytes
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new process forked from multiprocessing's fork server.
+
+    The server imports this package and does nothing else, so the child starts with no memory
+    of this process's (its peak RSS is its own work's; a spawned child would report this
+    process's peak, which vfork + exec carry over) and skips the import time of a spawn.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def training_row(cfg: Config, batch: int, steps: int, warmup: int, peaks: dict[str, float]) -> dict[str, Any]:
+    """One method's measured step with its analytic FLOPs and share of the training dtype's peak."""
+    row = in_fresh_process(measure_training, cfg.to_dict(), batch, steps, warmup)
+    flops = step_flops(cfg, batch, guided=guidance_active(cfg, warmup))  # as at the first timed step
+    dtype = train_dtype(cfg.train.precision, cfg.train.device)
+    achieved = flops.total / row["step_s"]
+    row.update(flops_per_step=flops.total, flops_forward=flops.forward, flops_backward=flops.backward,
+               flop_parts={k: {"forward": f, "backward": b} for k, (f, b) in flops.parts.items()},
+               achieved_flops_per_s=achieved, dtype=dtype, percent_of_peak=100 * achieved / peaks[dtype])
+    return row
+
+
+# ---------------------------------------------------------------------- loader
+def measure_loader(cfg: Config, batches: int, warm: int = 2) -> dict[str, Any]:
+    """Samples/s of ``train_loader`` over ``batches`` batches after ``warm`` (worker start-up).
+
+    The feature cache is built (or found) before the clock starts.
+    """
+    dataset = AVDataset(cfg.data.train_manifest, cfg, train=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.train.steps = warm + batches
+    loader = iter(train_loader(dataset, cfg))
+    for _ in range(warm):
+        next(loader)
+    start, samples = time.perf_counter(), 0
+    for batch in loader:
+        samples += batch["fbank"].shape[0]
+    took = time.perf_counter() - start
+    return {"samples_per_s": samples / took, "batches": batches, "batch_size": cfg.train.batch_size,
+            "workers": cfg.data.workers, "cache": cfg.data.cache, "manifest": cfg.data.train_manifest}
+
+
+# ---------------------------------------------------------------------- embedding and queries
+def retriever_for(cfg: Config, clips: int, folder: Path, device: str):
+    """A demo ``Retriever`` with an untrained model of ``cfg`` (speed does not depend on the
+    weights) on the first ``clips`` clips of the test split; its EMA teacher gives the priority."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    save_checkpoint(model_payload(model, teacher=EMATeacher(model.encoder).state_dict(), step=0),
+                    folder / "model.pt")
+    entries = json.loads(Path(cfg.data.test_manifest).read_text())["data"][:clips]
+    (folder / "gallery.json").write_text(json.dumps({"data": entries}))
+    return Retriever(folder / "model.pt", folder / "gallery.json", folder / "cache", device=device, progress=False)
+
+
+def measure_embedding(retriever, batch_size: int = 16) -> dict[str, Any]:
+    """Clips/s (and frame/segment pairs/s) of ``evaluate.embed_clips`` on the retriever's gallery
+    (a second pass: the retriever's own embedding of it has warmed the feature cache and model)."""
+    start = time.perf_counter()
+    emb = evaluate.embed_clips(retriever.model, retriever.dataset, batch_size=batch_size, progress=False)
+    took = time.perf_counter() - start
+    clips, pairs = emb.audio.shape[:2]
+    return {"clips_per_s": clips / took, "pairs_per_s": clips * pairs / took, "clips": clips,
+            "pairs_per_clip": pairs, "batch_size": batch_size, "precision": "fp32 (the demo's)"}
+
+
+def tiled(retriever, clips: int):
+    """A shallow copy of ``retriever`` whose gallery repeats its clips up to ``clips`` rows.
+
+    A query's work (embed, priority, a (N, D) search, render the top k from the feature cache)
+    depends on the gallery's size, not on whether its rows are distinct.
+    """
+    r = copy.copy(retriever)
+    reps = -(-clips // len(r.clips))
+    r.clips, r.labels = (r.clips * reps)[:clips], (r.labels * reps)[:clips]
+    r.audio, r.visual = r.audio.repeat(reps, 1)[:clips], r.visual.repeat(reps, 1)[:clips]
+    r.dataset = copy.copy(r.dataset)
+    r.dataset.valid = (r.dataset.valid * reps)[:clips]
+    return r
+
+
+# ---------------------------------------------------------------------- the run
+def run(preset: str = "tiny", methods: tuple[str, ...] = METHODS, batch: int | None = None, steps: int = 10,
+        warmup: int = 2, device: str = "cpu", precision: str = "auto", gallery: int = 1000,
+        embed_clips: int = 64, queries: int = 20, loader_batches: int = 20, skip: tuple[str, ...] = (),
+        overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every measurement of the benchmark; returns the report (see ``markdown`` for its reading)."""
+    _check(methods, skip, device, steps)
+    overrides = list(overrides)
+    configs = {m: bench_config(preset, m, precision, device, overrides) for m in methods}
+    batch = batch or configs[methods[0]].train.batch_size
+    dtype = train_dtype(precision, device)
+    report: dict[str, Any] = {
+        "setup": {"preset": preset, "methods": list(methods), "batch": batch, "steps": steps, "warmup": warmup,
+                  "device": device, "precision": precision, "train_dtype": dtype, "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "machine": _machine(device), "overrides": overrides},
+        "peak_flops_per_s": measure_peaks(device, dtype),
+    }
+    report["methods"] = {m: training_row(cfg, batch, steps, warmup, report["peak_flops_per_s"])
+                         for m, cfg in configs.items()}
+    rows = report["methods"]
+    if "tgdp" in rows and "sync" in rows:
+        report["tgdp_over_sync"] = {"step_time": rows["tgdp"]["step_s"] / rows["sync"]["step_s"],
+                                    "flops": rows["tgdp"]["flops_per_step"] / rows["sync"]["flops_per_step"]}
+    if "loader" not in skip:
+        report["loader"] = _loader_section(report, precision, device, steps, warmup, loader_batches, overrides)
+    if not {"embed", "query"} <= set(skip):
+        report.update(_demo_sections(preset, overrides, device, gallery, embed_clips, queries, skip))
+    report["targets"] = targets(report)
+    return report
+
+
+def _demo_sections(preset: str, overrides: list[str], device: str, gallery: int, clips: int, queries: int,
+                   skip: tuple[str, ...]) -> dict[str, Any]:
+    """"embed" and "query" (unless skipped) with an untrained ``preset`` model on the test split."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="tgdp-bench-") as folder:
+        retriever = retriever_for(data_config(preset, overrides), min(clips, gallery), Path(folder), device)
+        if "embed" not in skip:
+            out["embed"] = {"preset": preset, **measure_embedding(retriever)}
+        if "query" not in skip:
+            out["query"] = {"preset": preset, "distinct_clips": len(retriever.clips),
+                            **query_latency(tiled(retriever, gallery), n=queries)}
+    return out
+
+
+def _loader_section(report: dict, precision: str, device: str, steps: int, warmup: int, batches: int,
+                    overrides: list[str]) -> dict[str, Any]:
+    """The loader's samples/s beside a tiny TG-DP step's consumption at the loader's batch size."""
+    cfg = data_config("tiny", overrides)
+    loader = measure_loader(cfg, batches)
+    setup, row = report["setup"], report["methods"].get("tgdp")
+    if setup["preset"] == "tiny" and row is not None and setup["batch"] == cfg.train.batch_size:
+        step = row["samples_per_s"]
+    else:
+        step_cfg = bench_config("tiny", "tgdp", precision, device, overrides)
+        row = in_fresh_process(measure_training, step_cfg.to_dict(), cfg.train.batch_size, steps, warmup)
+        step = row["samples_per_s"]
+    return {**loader, "tiny_tgdp_step_samples_per_s": step, "ratio": loader["samples_per_s"] / step}
+
+
+def targets(report: dict) -> list[dict[str, Any]]:
+    """The issue's targets that this run measured: name, value, bound and verdict (None: not applicable)."""
+    setup, tgdp = report["setup"], report["methods"].get("tgdp")
+    out = []
+    if "tgdp_over_sync" in report:
+        ratios = report["tgdp_over_sync"]
+        bound = RATIO_SLACK * ratios["flops"]
+        out.append(_target("TG-DP / sync step time <= 1.1 x analytic FLOP ratio", ratios["step_time"], bound,
+                           ratios["step_time"] <= bound))
+    if tgdp:
+        share = tgdp["percent_of_peak"] / 100
+        out.append(_target(f"TG-DP at small >= 40 % of the {tgdp['dtype']} matmul peak (measured at "
+                           f"{setup['preset']})", share, PEAK_SHARE,
+                           share >= PEAK_SHARE if setup["preset"] == "small" else None))
+    if tgdp and setup["preset"] == "base" and setup["batch"] == 8:
+        bound = REFERENCE_BASE_STEP_S / BASE_SPEEDUP
+        out.append(_target(f"TG-DP at base, batch 8, >= {BASE_SPEEDUP} x faster than the reference's "
+                           f"{REFERENCE_BASE_STEP_S} s (step seconds)", tgdp["step_s"], bound, tgdp["step_s"] <= bound))
+        gigabytes = tgdp["peak_memory_bytes"] / 1e9
+        out.append(_target("TG-DP at base, batch 8, less memory than the reference (GB)", gigabytes,
+                           REFERENCE_BASE_BYTES / 1e9, gigabytes < REFERENCE_BASE_BYTES / 1e9))
+    if "loader" in report:
+        ratio = report["loader"]["ratio"]
+        out.append(_target("loader >= 3 x a tiny TG-DP step's consumption", ratio, LOADER_MARGIN,
+                           ratio >= LOADER_MARGIN))
+    return out
+
+
+def _target(name: str, value: float, bound: float, passed: bool | None) -> dict[str, Any]:
+    return {"name": name, "value": value, "bound": bound, "pass": passed}
+
+
+def _check(methods: tuple[str, ...], skip: tuple[str, ...], device: str, steps: int) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    bad = [s for s in skip if s not in SKIPPABLE]
+    if bad:
+        raise ValueError(f"--skip: unknown {', '.join(bad)}; choose from {', '.join(SKIPPABLE)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
+               platform.processor())
+    flags = cpu_bf16_flags()
+    return f"{cpu} ({', '.join(flags) if flags else 'no native bf16'})"
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------- reading the report
+def markdown(report: dict) -> str:
+    """The report as a markdown table per method plus the ratio, loader, embed, query and target lines."""
+    lines = _method_table(report) + [""] + _summary_lines(report) + ["", "targets:"]
+    for t in report["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        lines.append(f"- {verdict}: {t['name']}: {t['value']:.2f} (bound {t['bound']:.2f})")
+    return "\n".join(lines) + "\n"
+
+
+def _method_table(report: dict) -> list[str]:
+    s = report["setup"]
+    peaks = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in report["peak_flops_per_s"].items())
+    lines = [(f"tgdp bench: preset {s['preset']}, batch {s['batch']}, {s['device']} ({s['machine']}), "
+              f"{s['threads']} threads, trained in {s['train_dtype']} (precision {s['precision']}), "
+              f"median of {s['steps']} steps after {s['warmup']}; matmul peak: {peaks}"), "",
+             "| method | step (s) | CPU (s) | samples/s | GFLOP/step | GFLOP/s | % of peak | peak memory (GB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, r in report["methods"].items():
+        lines.append(f"| {method} | {r['step_s']:.3f} | {r['step_cpu_s']:.2f} | {r['samples_per_s']:.1f} | "
+                     f"{r['flops_per_step'] / 1e9:.1f} | {r['achieved_flops_per_s'] / 1e9:.1f} | "
+                     f"{r['percent_of_peak']:.0f} | {r['peak_memory_bytes'] / 1e9:.2f} |")
+    first = next(iter(report["methods"].values()))
+    cpu_note = ("CPU (s): the process's CPU time per step, all threads; well under threads x step time, the "
+                "cores were shared with other work or the step is partly serial")
+    return lines + ["", f"memory: {first['memory_measure']}", cpu_note]
+
+
+def _summary_lines(report: dict) -> list[str]:
+    lines = []
+    if "tgdp_over_sync" in report:
+        r = report["tgdp_over_sync"]
+        lines.append(f"TG-DP / sync: step time x{r['step_time']:.2f}, analytic FLOPs x{r['flops']:.2f}")
+    if "loader" in report:
+        r = report["loader"]
+        lines.append(f"loader: {r['samples_per_s']:.0f} samples/s ({r['workers']} workers, cache "
+                     f"{'on' if r['cache'] else 'off'}) vs {r['tiny_tgdp_step_samples_per_s']:.0f} samples/s "
+                     f"consumed by a tiny TG-DP step: x{r['ratio']:.1f}")
+    if "embed" in report:
+        r = report["embed"]
+        lines.append(f"embedding ({r['preset']}): {r['clips_per_s']:.1f} clips/s ({r['pairs_per_s']:.0f} "
+                     f"pairs/s, {r['clips']} clips)")
+    if "query" in report:
+        r = report["query"]
+        lines.append(f"query latency ({r['preset']}, {r['clips']}-clip gallery): audio->visual "
+                     f"{r['audio_to_visual']['median_ms']:.1f} ms, visual->audio "
+                     f"{r['visual_to_audio']['median_ms']:.1f} ms (median of {r['n']}; search alone "
+                     f"{r['search_median_ms']:.2f} ms)")
+    return lines
+
+
+# ---------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``bench`` subcommand."""
+    parser.description = ("Time each method's training step, the loader, embedding and demo queries; print a "
+                          "markdown report with the issue's targets. Config overrides (--section.field=value) "
+                          "apply to every config; --data.* ones also choose the set the loader, embedding and "
+                          "queries use (default: the built-in AV-Digits).")
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset (default: tiny)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
+    parser.add_argument("--batch", type=int, help="samples per training step (default: the preset's batch size)")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per method (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"),
+                        help="default: cuda when available")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="train.precision (default auto: bf16 autocast on CUDA, fp32 on CPU)")
+    parser.add_argument("--gallery", type=int, default=1000, help="clips in the query-latency gallery (default 1000)")
+    parser.add_argument("--embed-clips", type=int, default=64,
+                        help="distinct test clips embedded for the throughput figure (default 64)")
+    parser.add_argument("--queries", type=int, default=20, help="timed queries per direction (default 20)")
+    parser.add_argument("--loader-batches", type=int, default=20, help="timed loader batches (default 20)")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
+    parser.add_argument("--out", help="write the report as JSON here and the markdown beside it (.md)")
+
+
+def main(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Run the benchmark, print the markdown, write the JSON and markdown files under ``--out``."""
+    report = run(args.preset, _split(args.methods), args.batch, args.steps, args.warmup, args.device, args.precision,
+                 args.gallery, args.embed_clips, args.queries, args.loader_batches, _split(args.skip), overrides)
+    text = markdown(report)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(text)
+        print(f"report: {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import tgdp_core as tg
-from tgdp_core.losses import info_nce
 from tgdp_core.dataset import AVDataset, StepSampler
+from tgdp_core.losses import info_nce
 
 
 def main() -> None:

@@ -37,6 +37,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature (--modality both)")
+    p.add_argument("--mask-ratio", type=float, default=0.0,
+                   help="--modality both: share of each view's patches removed at random before InfoNCE")
+    p.add_argument("--pool", choices=("global", "mean"), default="global",
+                   help="supervised: classify the global token or the mean of the patch tokens")
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
 
@@ -57,12 +61,13 @@ def main() -> None:
             group["lr"] = args.lr * min(1.0, step / max(1, args.warmup))
         y = data.frame_labels[batch["index"], batch["frame"]]  # (B,) the digit this pair shows
         if args.modality == "both":
-            contrastive_step(model, opt, batch, y, args.temperature, step, hits, start)
+            contrastive_step(model, opt, batch, y, args.temperature, args.mask_ratio, step, hits, start)
             continue
         if args.modality == "visual":
-            g, _ = enc.global_feature(enc.specific(enc.embed_visual(batch["frames"]), "v"), "v")
+            tokens, m = enc.specific(enc.embed_visual(batch["frames"]), "v"), "v"
         else:
-            g, _ = enc.global_feature(enc.specific(enc.embed_audio(batch["fbank"]), "a"), "a")
+            tokens, m = enc.specific(enc.embed_audio(batch["fbank"]), "a"), "a"
+        g = enc.global_feature(tokens, m)[0] if args.pool == "global" else tokens[:, 1:].mean(1)
         logits = head(g)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad()
@@ -75,10 +80,18 @@ def main() -> None:
                   f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
-def contrastive_step(model, opt, batch, y, temperature, step, hits, start) -> None:
-    """One InfoNCE step on full views; every 50 steps, print loss, collapse and class precision."""
-    a, v = model.encode_audio(batch["fbank"]), model.encode_visual(batch["frames"])
-    loss = info_nce(a, v, temperature)
+def contrastive_step(model, opt, batch, y, temperature, mask_ratio, step, hits, start) -> None:
+    """One InfoNCE step (views randomly masked when mask_ratio > 0); every 50 steps, print the
+    loss, the collapse and the class precision."""
+    if mask_ratio > 0:  # the model's own contrastive view, its other losses switched off
+        o = model.cfg.objective
+        o.rec_weight, o.distill_weight, o.contrastive_weight, o.contrastive_mask_ratio = 0.0, 0.0, 1.0, mask_ratio
+        o.temperature = temperature
+        out = model(batch["fbank"], batch["frames"])
+        a, v, loss = F.normalize(out.audio, dim=-1), F.normalize(out.visual, dim=-1), out.loss
+    else:
+        a, v = model.encode_audio(batch["fbank"]), model.encode_visual(batch["frames"])
+        loss = info_nce(a, v, temperature)
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -45,7 +45,7 @@ from .flops import step_flops
 from .model import build_model
 from .teacher import EMATeacher, guidance_active
 from .trainer import (autocast_for, make_optimizer, make_teacher, mask_generator, resolve_data, resolve_device,
-                      train_step)
+                      train_step, trains_in_bf16)
 
 SKIPPABLE = ("loader", "embed", "query")
 # The issue's targets.
@@ -77,8 +77,8 @@ def data_config(preset: str, overrides: list[str]) -> Config:
 
 
 def train_dtype(precision: str, device: str) -> str:
-    """The dtype matmuls run in under ``autocast_for``: bf16 when asked, or "auto" on CUDA."""
-    return "bf16" if precision == "bf16" or (precision == "auto" and device == "cuda") else "fp32"
+    """The dtype matmuls run in under ``autocast_for`` (device: "cpu" or "cuda")."""
+    return "bf16" if trains_in_bf16(precision, device) else "fp32"
 
 
 # ---------------------------------------------------------------------- matmul peak

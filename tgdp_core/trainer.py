@@ -65,10 +65,14 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def trains_in_bf16(precision: str, device_type: str) -> bool:
+    """Whether ``train.precision`` means bf16 autocast on this device type ("auto": on CUDA only)."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
 def autocast_for(cfg: Config, device: torch.device):
-    """bf16 autocast where the config asks for it ("auto": on CUDA only)."""
-    precision = cfg.train.precision
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast where the config asks for it (`trains_in_bf16`), else a no-op context."""
+    if trains_in_bf16(cfg.train.precision, device.type):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 

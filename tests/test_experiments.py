@@ -30,6 +30,17 @@ def test_quickstart_writes_one_table_and_reuses_finished_runs(tmp_path, small_cf
     assert experiments.quickstart(tmp_path, steps=2, probe_clips=12, cfg=small_cfg)["tgdp"] == rows["tgdp"]
 
 
+def test_a_shorter_budget_keeps_each_warm_up_share_of_the_run():
+    base = tg.Config.preset("tiny")
+    half = experiments.with_method(base, "sync", base.train.steps // 2)
+    assert half.method == "sync" and half.train.steps == base.train.steps // 2
+    assert half.train.warmup_steps == round(base.train.warmup_steps / 2)
+    assert half.objective.contrastive_mask_warmup_steps == round(base.objective.contrastive_mask_warmup_steps / 2)
+    assert half.teacher.guidance_warmup_steps == round(base.teacher.guidance_warmup_steps / 2)
+    same = experiments.with_method(base, "tgdp", base.train.steps)
+    assert same.to_dict() == base.to_dict()
+
+
 def test_ablation_rows_are_config_overrides_with_seeds(tmp_path, small_cfg):
     names = ["single pass (CAV-MAE Sync)", "contrastive ratio 0.65", "random instead of guided"]
     summary = experiments.ablate(tmp_path, budget=2 / experiments.ABLATION_STEPS, seeds=2, probe_clips=12,

@@ -44,8 +44,8 @@ from .demo import Retriever, query_latency
 from .flops import step_flops
 from .model import build_model
 from .teacher import EMATeacher, guidance_active
-from .trainer import (autocast_for, make_optimizer, make_teacher, mask_generator, resolve_data, resolve_device,
-                      train_step, trains_in_bf16)
+from .trainer import (autocast_for, contrastive_ratio_at, make_optimizer, make_teacher, mask_generator, resolve_data,
+                      resolve_device, train_step, trains_in_bf16)
 
 SKIPPABLE = ("loader", "embed", "query")
 # The issue's targets.
@@ -124,6 +124,12 @@ def _sync(device: str) -> None:
 
 
 # ---------------------------------------------------------------------- training steps
+def steady_step(cfg: Config) -> int:
+    """The first step after the guidance warm-up and the contrastive curriculum: the bench times
+    steps from here on, the cost of most of a run (a fresh model costs the same at any step)."""
+    return max(cfg.teacher.guidance_warmup_steps, cfg.objective.contrastive_mask_warmup_steps)
+
+
 def measure_training(cfg_dict: dict, batch: int, steps: int, warmup: int) -> dict[str, Any]:
     """Time ``warmup + steps`` training steps of a fresh model on random inputs (run it in a
     fresh process: the peak RSS is then this method's alone)."""
@@ -141,7 +147,8 @@ def measure_training(cfg_dict: dict, batch: int, steps: int, warmup: int) -> dic
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times = [], []
-    for step in range(warmup + steps):
+    first = steady_step(cfg)
+    for step in range(first, first + warmup + steps):
         _sync(device.type)
         start, cpu_start = time.perf_counter(), time.process_time()
         train_step(model, teacher, optimizer, fbank, frames, step, mask_generator(cfg, step, device),
@@ -185,7 +192,8 @@ def in_fresh_process(fn, *args):
 def training_row(cfg: Config, batch: int, steps: int, warmup: int, peaks: dict[str, float]) -> dict[str, Any]:
     """One method's measured step with its analytic FLOPs and share of the training dtype's peak."""
     row = in_fresh_process(measure_training, cfg.to_dict(), batch, steps, warmup)
-    flops = step_flops(cfg, batch, guided=guidance_active(cfg, warmup))  # as at the first timed step
+    first = steady_step(cfg) + warmup  # as at the first timed step
+    flops = step_flops(cfg, batch, guided=guidance_active(cfg, first), contrastive_ratio=contrastive_ratio_at(first, cfg))
     dtype = train_dtype(cfg.train.precision, cfg.train.device)
     achieved = flops.total / row["step_s"]
     row.update(flops_per_step=flops.total, flops_forward=flops.forward, flops_backward=flops.backward,

@@ -114,19 +114,21 @@ def _hidden(dim: int, m: ModelConfig) -> int:
     return int(dim * m.mlp_ratio)
 
 
-def step_flops(cfg: Config, batch: int, guided: bool = True) -> StepFlops:
+def step_flops(cfg: Config, batch: int, guided: bool = True, contrastive_ratio: float | None = None) -> StepFlops:
     """FLOPs of one ``train_step`` of ``cfg.method`` on ``batch`` samples.
 
     ``guided``: whether the teacher computes the token priority at this step (after the
     guidance warm-up; ignored unless the method has a teacher and a non-random selection).
+    ``contrastive_ratio``: the contrastive view's mask ratio at this step (default: the
+    configured ratio, as after the curriculum).
     """
-    out = _per_sample(cfg, guided).scaled(batch)
+    out = _per_sample(cfg, guided, contrastive_ratio).scaled(batch)
     # both directions' logits (B, D) x (D, B); the only product that grows with batch squared
     out.add("InfoNCE logits", 2 * linear(batch, cfg.model.embed_dim, batch))
     return out
 
 
-def _per_sample(cfg: Config, guided: bool) -> StepFlops:
+def _per_sample(cfg: Config, guided: bool, contrastive_ratio: float | None) -> StepFlops:
     """Every part of ``step_flops`` that scales with the batch, for one sample."""
     m, o = cfg.model, cfg.objective
     na, nv, D = m.num_audio_patches, m.num_visual_patches, m.embed_dim
@@ -137,7 +139,8 @@ def _per_sample(cfg: Config, guided: bool) -> StepFlops:
     out.add("reconstruction view: joint block", block(ka + kv, D, _hidden(D, m)))
     out.add("decoder", _decoder(m, ka + kv))
     if cfg.method == "tgdp":
-        ca, cv = num_kept(na, o.contrastive_mask_ratio), num_kept(nv, o.contrastive_mask_ratio)
+        ratio = o.contrastive_mask_ratio if contrastive_ratio is None else contrastive_ratio
+        ca, cv = num_kept(na, ratio), num_kept(nv, ratio)
         out.add("contrastive view: specific blocks", _specific(m, ca) + _specific(m, cv))
         out.add("contrastive view: joint global rows", _global(m, ca) + _global(m, cv))
     elif m.global_token:  # sync: the global row on the reconstruction view's tokens

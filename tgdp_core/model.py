@@ -238,13 +238,16 @@ class TGDPModel(nn.Module):
 
     # ------------------------------------------------------------------ training step
     def forward(self, fbank: torch.Tensor, frames: torch.Tensor, guide: Guide | None = None,
-                generator: torch.Generator | None = None, rows: tuple[int, int] | None = None) -> StepOutput:
+                generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
+                contrastive_ratio: float | None = None) -> StepOutput:
         """One training step's losses.
 
         fbank (B, T, F), frames (B, 3, H, W). For ``tgdp`` pass the teacher's ``guide``
         (priorities None = random selection, e.g. during the guidance warm-up).
         ``generator`` makes the random masks repeatable; ``rows=(offset, global_batch)`` says
         which rows of the global batch this rank holds, so its masks match a single process.
+        ``contrastive_ratio`` overrides ``objective.contrastive_mask_ratio`` for this step (the
+        trainer's curriculum, ``trainer.contrastive_ratio_at``).
         """
         cfg, o, enc = self.cfg, self.cfg.objective, self.encoder
         ea, ev = enc.embed_audio(fbank), enc.embed_visual(frames)
@@ -266,8 +269,9 @@ class TGDPModel(nn.Module):
         if cfg.method == "tgdp":
             # Contrastive view: a second pass with its own (guided) selection, no decoder.
             pa, pv = (guide.priority_a, guide.priority_v) if guide is not None else (None, None)
-            ca, masks["con_a"] = self._contrastive_view(ea, pa, generator, rows)
-            cv, masks["con_v"] = self._contrastive_view(ev, pv, generator, rows)
+            ratio = o.contrastive_mask_ratio if contrastive_ratio is None else contrastive_ratio
+            ca, masks["con_a"] = self._contrastive_view(ea, pa, ratio, generator, rows)
+            cv, masks["con_v"] = self._contrastive_view(ev, pv, ratio, generator, rows)
             ga, _ = enc.global_feature(enc.specific(ca, "a"), "a")
             gv, _ = enc.global_feature(enc.specific(cv, "v"), "v")
             if o.distill_weight > 0:
@@ -285,15 +289,15 @@ class TGDPModel(nn.Module):
             loss = loss + o.distill_weight * parts["distill"]
         return StepOutput(loss, parts, ga, gv, masks)
 
-    def _contrastive_view(self, tokens: torch.Tensor, priority: torch.Tensor | None,
+    def _contrastive_view(self, tokens: torch.Tensor, priority: torch.Tensor | None, ratio: float,
                           generator: torch.Generator | None, rows: tuple[int, int] | None):
         o = self.cfg.objective
         if o.selection == "guided" and priority is not None:
-            kept, mask, _ = guided_masking(tokens, priority, o.contrastive_mask_ratio)
+            kept, mask, _ = guided_masking(tokens, priority, ratio)
         elif o.selection == "probabilistic" and priority is not None:
-            kept, mask, _ = probabilistic_masking(tokens, priority, o.contrastive_mask_ratio, generator, rows)
+            kept, mask, _ = probabilistic_masking(tokens, priority, ratio, generator, rows)
         else:
-            kept, mask, _ = random_masking(tokens, o.contrastive_mask_ratio, generator, rows)
+            kept, mask, _ = random_masking(tokens, ratio, generator, rows)
         return kept, mask
 
 

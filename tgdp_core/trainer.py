@@ -59,6 +59,15 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def contrastive_ratio_at(step: int, cfg: Config) -> float:
+    """The contrastive view's mask ratio at ``step``: linear from 0 to ``contrastive_mask_ratio``
+    over ``contrastive_mask_warmup_steps``, then constant (the whole run when the warm-up is 0)."""
+    o = cfg.objective
+    if step >= o.contrastive_mask_warmup_steps:
+        return o.contrastive_mask_ratio
+    return o.contrastive_mask_ratio * step / o.contrastive_mask_warmup_steps
+
+
 def resolve_device(cfg: Config) -> torch.device:
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -107,7 +116,7 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
         if teacher is not None:
             priority = cfg.objective.score_direction if guidance_active(cfg, step) else None
             guide = teacher(fbank, frames, priority)
-        out = model(fbank, frames, guide, generator, rows)
+        out = model(fbank, frames, guide, generator, rows, contrastive_ratio=contrastive_ratio_at(step, cfg))
     if not torch.isfinite(out.loss):
         raise NonFiniteLossError(f"non-finite loss at step {step}: "
                                  + ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items()))

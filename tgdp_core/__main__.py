@@ -115,7 +115,8 @@ def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> None:
     print("\n" + markdown_table(rows, QUICKSTART_COLUMNS))
     print(f"\n(percent; 'chance' is what a model that knows nothing scores; {time.perf_counter() - start:.0f} s in all)")
     print(f"results, checkpoints and plots: {args.out}/  (table.md, results.json, quickstart.png, tgdp/last.pt)")
-    print("next: `python -m tgdp_core demo` for retrieval in the browser with the TG-DP checkpoint")
+    print("next: `python -m tgdp_core demo` for retrieval in the browser with the TG-DP checkpoint;")
+    print("      `.venv/bin/jupyter lab notebooks/` for the walkthroughs (01_pretraining.ipynb first)")
 
 
 def cmd_ablate(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -24,7 +24,8 @@ held more than half of a second digit's speech besides their own.
 The relevant content is a minority: the digit's box is at most `digit_scale` (default 0.5) of
 the frame side and, by default (`grid_cells` 6), sits centred on a block of whole cells of the
 tiny preset's 6 x 6 patch grid, so it touches at most 3 x 3 of the 6 x 6 patches at 96 px (a
-quarter; ink covers about 18 % of them); the rest is textures, shapes, lines and letters.
+quarter; ink covers about 18 % of them), 4 x 3 when rotation widens the largest glyphs (0.5 %
+of the default set's frames); the rest is textures, shapes, lines and letters.
 Speech fills about `speech_share` (default 0.4) of the duration; the rest is a noise bed, quiet
 stretches, babble words, tones, chirps and noise bursts.
 
@@ -150,8 +151,9 @@ class Knobs:
 
     digit_scale: float = field(default=0.5, metadata={"help": (
         "longest side of a digit's box as a fraction of the frame side (each glyph draws U(0.7, 1) "
-        "of it); on the patch grid (grid_cells 6) <= 0.5 keeps a digit within 3 x 3 of the 6 x 6 "
-        "patches at 96 px, placed freely <= 1/3 does")})
+        "of it, before rotation); on the patch grid (grid_cells 6) <= 0.5 keeps a digit within 3 x 3 "
+        "of the 6 x 6 patches at 96 px (4 x 3 for a few rotated largest glyphs), placed freely "
+        "<= 1/3 does")})
     snr_db: float = field(default=25.0, metadata={"help": (
         "speech RMS (over the spoken digits) over the RMS of the continuous noise bed, dB; "
         "distractor sounds come on top, 0 to 6 dB below the speech")})

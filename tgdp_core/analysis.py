@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from . import avdigits
-from .checkpoint import load_state_strict, read_checkpoint
+from .checkpoint import load_model, load_teacher_encoder
 from .config import Config
 from .dataset import AVDataset, segment_bounds
 from .masking import guided_masking, patchify, probabilistic_masking, random_masking
 from .model import AVEncoder, TGDPModel, build_model
-from .teacher import EMATeacher
 from .trainer import TrainResult, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # runs/ and docs/ of a source checkout
@@ -153,15 +152,8 @@ def initial_model(cfg: Config) -> TGDPModel:
 
 def guide_encoder(checkpoint: str | Path) -> AVEncoder:
     """The EMA teacher's encoder saved in a training checkpoint (the student's if it has none)."""
-    data = read_checkpoint(checkpoint)
-    cfg = Config.from_dict(data["config"])
-    model = build_model(cfg)
-    load_state_strict(model, data["model"], str(checkpoint))
-    if not data.get("teacher"):
-        return model.encoder.eval()
-    teacher = EMATeacher(model.encoder)
-    load_state_strict(teacher, data["teacher"], f"{checkpoint} (teacher)")
-    return teacher.encoder
+    model = load_model(checkpoint)
+    return load_teacher_encoder(checkpoint, model) or model.encoder.eval()
 
 
 @torch.no_grad()

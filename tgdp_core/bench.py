@@ -151,7 +151,7 @@ def measure_training(cfg_dict: dict, batch: int, steps: int, warmup: int) -> dic
     for step in range(first, first + warmup + steps):
         _sync(device.type)
         start, cpu_start = time.perf_counter(), time.process_time()
-        train_step(model, teacher, optimizer, fbank, frames, step, mask_generator(cfg, step, device),
+        train_step(model, teacher, optimizer, fbank, frames, step, generator=mask_generator(cfg, step, device),
                    autocast=autocast, log=False)
         _sync(device.type)
         times.append(time.perf_counter() - start)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config import Config
-from .model import TGDPModel
+from .model import AVEncoder, TGDPModel
 
 FORMAT = "tgdp"
 
@@ -113,6 +113,25 @@ def load_model(path: str | Path, cfg: Config | None = None, map_location: str | 
     model = TGDPModel(cfg)
     load_state_strict(model, state, where=str(path))
     return model.to(map_location).eval()
+
+
+def load_teacher_encoder(path: str | Path, model: TGDPModel | None = None,
+                         map_location: str | torch.device = "cpu") -> AVEncoder | None:
+    """The EMA teacher's encoder saved in a tgdp training checkpoint, or None when it holds none
+    (official weights, exported student weights, methods without a teacher).
+
+    ``model``: the student already loaded from ``path`` (its architecture is reused); by default
+    the checkpoint's config builds one.
+    """
+    data = read_checkpoint(path)
+    if data.get("format") != FORMAT or not data.get("teacher"):
+        return None
+    from .teacher import EMATeacher
+
+    student = model if model is not None else TGDPModel(Config.from_dict(data["config"]))
+    teacher = EMATeacher(student.encoder)
+    load_state_strict(teacher, data["teacher"], f"{path} (teacher)")
+    return teacher.encoder.to(map_location)
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str = "state dict") -> None:

@@ -58,9 +58,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import evaluate, media
 from .avdigits import DEFAULT_DIR as AVDIGITS_DIR
-from .checkpoint import FORMAT, CheckpointError, load_model, load_state_strict, read_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, CheckpointError, load_model, load_teacher_encoder, read_checkpoint, save_checkpoint
 from .dataset import AVDataset, segment_bounds
-from .teacher import EMATeacher
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +133,8 @@ class Retriever:
         self.guide_encoder, self.guide_source = self.model.encoder, "student"
         if not self.cfg.model.global_token:  # CAV-MAE: no global token, no attention priority
             self.guide_encoder, self.guide_source = None, "none (the model has no global token)"
-        elif not self.official and data.get("teacher"):
-            teacher = EMATeacher(self.model.encoder)
-            load_state_strict(teacher, data["teacher"], f"{self.checkpoint} (teacher)")
-            self.guide_encoder, self.guide_source = teacher.encoder, "EMA teacher"
+        elif (teacher := load_teacher_encoder(self.checkpoint, self.model, self.device)) is not None:
+            self.guide_encoder, self.guide_source = teacher, "EMA teacher"
         del data
 
         cfg = copy.deepcopy(self.cfg)
@@ -241,8 +238,7 @@ class Retriever:
         embedding = self.model.encode_visual(x)[0].cpu()
         priority = None
         if self.guide_encoder is not None:
-            enc = self.guide_encoder
-            _, scores = enc.global_feature(enc.specific(enc.embed_visual(x), "v"), "v", self.priority_direction)
+            _, scores = self.guide_encoder.encode(x, "v", self.priority_direction)
             priority = scores[0].view(self.cfg.model.visual_grid).cpu()  # (g, g), raster order
         return ImageQuery(embedding, frame, priority)
 
@@ -250,8 +246,8 @@ class Retriever:
         """(K, T, F) segments -> (F, clip_frames) token priority, averaged where segments overlap."""
         if self.guide_encoder is None:
             return None
-        enc, m = self.guide_encoder, self.cfg.model
-        _, scores = enc.global_feature(enc.specific(enc.embed_audio(segments), "a"), "a", self.priority_direction)
+        m = self.cfg.model
+        _, scores = self.guide_encoder.encode(segments, "a", self.priority_direction)
         p = m.patch_size
         grid = scores.view(len(segments), *m.audio_grid).cpu()  # (K, F/p, T/p): frequency-major tokens
         cells = grid.repeat_interleave(p, 1).repeat_interleave(p, 2)  # (K, F, T)

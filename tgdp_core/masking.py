@@ -12,7 +12,19 @@ when given (a generator on that device makes a mask repeatable), never from hidd
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class BatchSlice(NamedTuple):
+    """Which rows of the global batch this process holds (one rank's share under DDP):
+    rows ``offset .. offset + B`` of a global batch of ``global_size``. Masks draw the whole
+    global batch's noise and keep these rows, so every sample gets the mask it would get in a
+    single process."""
+
+    offset: int
+    global_size: int
 
 
 def num_kept(num_tokens: int, ratio: float) -> int:
@@ -35,15 +47,13 @@ def select(x: torch.Tensor, ids_shuffle: torch.Tensor, keep: int):
 
 
 def random_masking(x: torch.Tensor, ratio: float, generator: torch.Generator | None = None,
-                   rows: tuple[int, int] | None = None):
+                   batch_slice: BatchSlice | None = None):
     """Keep a uniformly random subset of int(N * (1 - ratio)) tokens per sample.
 
-    ``rows=(offset, total)``: this batch is rows offset..offset+B of a global batch of
-    ``total`` (one rank's share under DDP); the noise is drawn for the whole global batch and
-    sliced, so every sample gets the mask it would get in a single process.
+    ``batch_slice``: this batch is one rank's rows of a larger global batch (``BatchSlice``).
     """
     _check_tokens(x)
-    noise = _uniform(x.shape[:2], x.device, generator, rows)
+    noise = _uniform(x.shape[:2], x.device, generator, batch_slice)
     return select(x, torch.argsort(noise, dim=1), num_kept(x.shape[1], ratio))
 
 
@@ -55,25 +65,25 @@ def guided_masking(x: torch.Tensor, scores: torch.Tensor, ratio: float):
 
 
 def probabilistic_masking(x: torch.Tensor, scores: torch.Tensor, ratio: float,
-                          generator: torch.Generator | None = None, rows: tuple[int, int] | None = None):
+                          generator: torch.Generator | None = None, batch_slice: BatchSlice | None = None):
     """Sample tokens without replacement with probability proportional to ``scores``.
 
     Gumbel top-k: adding Gumbel noise to log-scores and taking the top-k draws k items
     sequentially without replacement in proportion to the scores.
     """
     _check_tokens(x, scores)
-    uniform = _uniform(scores.shape, x.device, generator, rows)
+    uniform = _uniform(scores.shape, x.device, generator, batch_slice)
     gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
     keys = scores.float().clamp_min(1e-30).log() + gumbel
     return select(x, torch.argsort(keys, dim=1, descending=True), num_kept(x.shape[1], ratio))
 
 
 def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None,
-             rows: tuple[int, int] | None) -> torch.Tensor:
-    """U[0, 1) noise of ``shape`` (B, N), or rows offset..offset+B of noise for (total, N)."""
-    if rows is None:
+             batch_slice: BatchSlice | None) -> torch.Tensor:
+    """U[0, 1) noise of ``shape`` (B, N), or this rank's rows of the global batch's noise."""
+    if batch_slice is None:
         return torch.rand(shape, device=device, generator=generator)
-    offset, total = rows
+    offset, total = batch_slice
     return torch.rand((total, shape[1]), device=device, generator=generator)[offset:offset + shape[0]]
 
 

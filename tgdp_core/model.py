@@ -24,7 +24,7 @@ from torch import nn
 from . import losses
 from .config import Config, ModelConfig
 from .layers import Block, PatchEmbed, init_weights, sincos_2d
-from .masking import guided_masking, patchify, probabilistic_masking, random_masking
+from .masking import BatchSlice, guided_masking, patchify, probabilistic_masking, random_masking
 
 
 @dataclass
@@ -69,6 +69,9 @@ def _check_input(x: torch.Tensor, name: str, shape: tuple, finite: bool = False)
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
     if finite and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+_MODALITIES = {"a": "a", "audio": "a", "v": "v", "visual": "v"}
 
 
 class AVEncoder(nn.Module):
@@ -163,10 +166,23 @@ class AVEncoder(nn.Module):
             return Features(ta[:, 0], tv[:, 0], ta[:, 1:], tv[:, 1:])
         return Features(ta.mean(1), tv.mean(1), ta, tv)
 
+    def encode(self, x: torch.Tensor, modality: str, priority: str | None = None):
+        """One modality's full view -> ((B, D) global feature, not normalised; (B, n) priority or None).
+
+        The one entry point for a modality's global feature: x is the normalised fbank (B, T, F)
+        for ``modality="a"`` (or "audio"), the normalised frames (B, 3, H, W) for "v" ("visual").
+        ``priority`` ("patch_to_global" / "global_to_patch") also returns the token priority.
+        """
+        m = _MODALITIES.get(modality)
+        if m is None:
+            raise ValueError(f"unknown modality {modality!r}; use 'a' / 'audio' or 'v' / 'visual'")
+        embed = self.embed_audio if m == "a" else self.embed_visual
+        return self.global_feature(self.specific(embed(x), m), m, priority)
+
     def guide(self, fbank: torch.Tensor, frames: torch.Tensor, priority: str | None) -> Guide:
         """The teacher's pass: full view, global features and (optionally) token priorities."""
-        ga, pa = self.global_feature(self.specific(self.embed_audio(fbank), "a"), "a", priority)
-        gv, pv = self.global_feature(self.specific(self.embed_visual(frames), "v"), "v", priority)
+        ga, pa = self.encode(fbank, "a", priority)
+        gv, pv = self.encode(frames, "v", priority)
         return Guide(ga, gv, pa, pv)
 
 
@@ -226,79 +242,109 @@ class TGDPModel(nn.Module):
     def encode_audio(self, fbank: torch.Tensor) -> torch.Tensor:
         """(B, T, F) normalised fbank -> (B, D) L2-normalised audio embeddings."""
         _check_input(fbank, "fbank", (None, self.cfg.model.audio_frames, self.cfg.model.mel_bins), finite=True)
-        enc = self.encoder
-        return F.normalize(enc.global_feature(enc.specific(enc.embed_audio(fbank), "a"), "a")[0], dim=-1)
+        return F.normalize(self.encoder.encode(fbank, "a")[0], dim=-1)
 
     def encode_visual(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised frames -> (B, D) L2-normalised visual embeddings."""
         size = self.cfg.model.image_size
         _check_input(frames, "frames", (None, 3, size, size), finite=True)
-        enc = self.encoder
-        return F.normalize(enc.global_feature(enc.specific(enc.embed_visual(frames), "v"), "v")[0], dim=-1)
+        return F.normalize(self.encoder.encode(frames, "v")[0], dim=-1)
 
     # ------------------------------------------------------------------ training step
     def forward(self, fbank: torch.Tensor, frames: torch.Tensor, guide: Guide | None = None,
-                generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
+                generator: torch.Generator | None = None, batch_slice: BatchSlice | None = None,
                 contrastive_ratio: float | None = None) -> StepOutput:
         """One training step's losses.
 
         fbank (B, T, F), frames (B, 3, H, W). For ``tgdp`` pass the teacher's ``guide``
         (priorities None = random selection, e.g. during the guidance warm-up).
-        ``generator`` makes the random masks repeatable; ``rows=(offset, global_batch)`` says
-        which rows of the global batch this rank holds, so its masks match a single process.
+        ``generator`` makes the random masks repeatable; ``batch_slice`` says which rows of the
+        global batch this rank holds (``masking.BatchSlice``), so its masks match one process.
         ``contrastive_ratio`` overrides ``objective.contrastive_mask_ratio`` for this step (the
         trainer's curriculum, ``trainer.contrastive_ratio_at``).
         """
-        cfg, o, enc = self.cfg, self.cfg.objective, self.encoder
-        ea, ev = enc.embed_audio(fbank), enc.embed_visual(frames)
-
-        # Reconstruction view: random masking, concatenated joint pass, decoder (every method).
-        ka, mask_a, restore_a = random_masking(ea, o.rec_mask_ratio, generator, rows)
-        kv, mask_v, restore_v = random_masking(ev, o.rec_mask_ratio, generator, rows)
-        xa, xv = enc.specific(ka, "a"), enc.specific(kv, "v")
-        g = int(cfg.model.global_token)
-        latent = enc.joint_concat(xa[:, g:], xv[:, g:])
-        pred_a, pred_v = self.decoder(latent, ka.shape[1], restore_a, restore_v)
-        p = cfg.model.patch_size
-        target_a = patchify(fbank.transpose(1, 2).unsqueeze(1), p)  # (B, Na, p*p)
-        target_v = patchify(frames, p)  # (B, Nv, p*p*3)
-        parts = {"rec": losses.reconstruction_loss(pred_a, target_a, mask_a, cfg.model.norm_pix_loss)
-                 + losses.reconstruction_loss(pred_v, target_v, mask_v, cfg.model.norm_pix_loss)}
-        masks = {"rec_a": mask_a, "rec_v": mask_v}
-
-        if cfg.method == "tgdp":
-            # Contrastive view: a second pass with its own (guided) selection, no decoder.
-            pa, pv = (guide.priority_a, guide.priority_v) if guide is not None else (None, None)
+        cfg, o = self.cfg, self.cfg.objective
+        patches_a, patches_v = self.encoder.embed_audio(fbank), self.encoder.embed_visual(frames)
+        rec = self._reconstruction_view(fbank, frames, patches_a, patches_v, generator, batch_slice)
+        parts, masks = {"rec": rec.loss}, {"rec_a": rec.mask_a, "rec_v": rec.mask_v}
+        if cfg.method == "tgdp":  # a second pass with its own (guided) selection, no decoder
             ratio = o.contrastive_mask_ratio if contrastive_ratio is None else contrastive_ratio
-            ca, masks["con_a"] = self._contrastive_view(ea, pa, ratio, generator, rows)
-            cv, masks["con_v"] = self._contrastive_view(ev, pv, ratio, generator, rows)
-            ga, _ = enc.global_feature(enc.specific(ca, "a"), "a")
-            gv, _ = enc.global_feature(enc.specific(cv, "v"), "v")
+            con = self._contrastive_view(patches_a, patches_v, guide, ratio, generator, batch_slice)
+            masks.update(con_a=con.mask_a, con_v=con.mask_v)
             if o.distill_weight > 0:
                 if guide is None:
                     raise ValueError("method 'tgdp' with distill_weight > 0 needs the teacher's guide")
-                parts["distill"] = losses.distillation_loss(ga, guide.audio) + losses.distillation_loss(gv, guide.visual)
-        else:
-            # Single pass (CAV-MAE Sync / CAV-MAE): the contrastive features of the same masked view.
-            ga, _ = enc.global_feature(xa, "a")
-            gv, _ = enc.global_feature(xv, "v")
-        parts["contrastive"] = losses.info_nce(ga, gv, o.temperature)
+                parts["distill"] = (losses.distillation_loss(con.audio, guide.audio)
+                                    + losses.distillation_loss(con.visual, guide.visual))
+            global_a, global_v = con.audio, con.visual
+        else:  # single pass (CAV-MAE Sync / CAV-MAE): the contrastive features of the same masked view
+            global_a, _ = self.encoder.global_feature(rec.specific_a, "a")
+            global_v, _ = self.encoder.global_feature(rec.specific_v, "v")
+        parts["contrastive"] = losses.info_nce(global_a, global_v, o.temperature)
 
         loss = o.rec_weight * parts["rec"] + o.contrastive_weight * parts["contrastive"]
         if "distill" in parts:
             loss = loss + o.distill_weight * parts["distill"]
-        return StepOutput(loss, parts, ga, gv, masks)
+        return StepOutput(loss, parts, global_a, global_v, masks)
 
-    def _contrastive_view(self, tokens: torch.Tensor, priority: torch.Tensor | None, ratio: float,
-                          generator: torch.Generator | None, rows: tuple[int, int] | None):
+    def _reconstruction_view(self, fbank, frames, patches_a, patches_v, generator, batch_slice) -> "_RecView":
+        """Random masking at ``rec_mask_ratio``, the concatenated joint pass, the decoder, L_rec."""
+        cfg, enc = self.cfg, self.encoder
+        ratio, norm_pix = cfg.objective.rec_mask_ratio, cfg.model.norm_pix_loss
+        kept_a, mask_a, restore_a = random_masking(patches_a, ratio, generator, batch_slice)
+        kept_v, mask_v, restore_v = random_masking(patches_v, ratio, generator, batch_slice)
+        specific_a, specific_v = enc.specific(kept_a, "a"), enc.specific(kept_v, "v")  # (B, g + keep, D)
+        g = int(cfg.model.global_token)
+        latent = enc.joint_concat(specific_a[:, g:], specific_v[:, g:])  # (B, keep_a + keep_v, D)
+        pred_a, pred_v = self.decoder(latent, kept_a.shape[1], restore_a, restore_v)
+        p = cfg.model.patch_size
+        target_a = patchify(fbank.transpose(1, 2).unsqueeze(1), p)  # (B, Na, p*p)
+        target_v = patchify(frames, p)  # (B, Nv, p*p*3)
+        loss = (losses.reconstruction_loss(pred_a, target_a, mask_a, norm_pix)
+                + losses.reconstruction_loss(pred_v, target_v, mask_v, norm_pix))
+        return _RecView(loss, mask_a, mask_v, specific_a, specific_v)
+
+    def _contrastive_view(self, patches_a, patches_v, guide: Guide | None, ratio: float,
+                          generator, batch_slice) -> "_ContrastiveView":
+        """The contrastive path's selection (teacher top-k, random or probabilistic) and global features."""
+        priority_a, priority_v = (guide.priority_a, guide.priority_v) if guide is not None else (None, None)
+        kept_a, mask_a = self._select(patches_a, priority_a, ratio, generator, batch_slice)
+        kept_v, mask_v = self._select(patches_v, priority_v, ratio, generator, batch_slice)
+        global_a, _ = self.encoder.global_feature(self.encoder.specific(kept_a, "a"), "a")
+        global_v, _ = self.encoder.global_feature(self.encoder.specific(kept_v, "v"), "v")
+        return _ContrastiveView(global_a, global_v, mask_a, mask_v)
+
+    def _select(self, tokens: torch.Tensor, priority: torch.Tensor | None, ratio: float,
+                generator: torch.Generator | None, batch_slice: BatchSlice | None):
         o = self.cfg.objective
         if o.selection == "guided" and priority is not None:
             kept, mask, _ = guided_masking(tokens, priority, ratio)
         elif o.selection == "probabilistic" and priority is not None:
-            kept, mask, _ = probabilistic_masking(tokens, priority, ratio, generator, rows)
+            kept, mask, _ = probabilistic_masking(tokens, priority, ratio, generator, batch_slice)
         else:
-            kept, mask, _ = random_masking(tokens, ratio, generator, rows)
+            kept, mask, _ = random_masking(tokens, ratio, generator, batch_slice)
         return kept, mask
+
+
+@dataclass
+class _RecView:
+    """What the reconstruction view computes."""
+
+    loss: torch.Tensor  # L_rec, audio + visual (unweighted)
+    mask_a: torch.Tensor  # (B, Na) 1 = removed
+    mask_v: torch.Tensor  # (B, Nv)
+    specific_a: torch.Tensor  # (B, g + keep_a, D) modality-specific output (single pass reuses it)
+    specific_v: torch.Tensor  # (B, g + keep_v, D)
+
+
+@dataclass
+class _ContrastiveView:
+    """What the contrastive view computes."""
+
+    audio: torch.Tensor  # (B, D) global features of the masked view
+    visual: torch.Tensor
+    mask_a: torch.Tensor  # (B, Na) 1 = removed
+    mask_v: torch.Tensor
 
 
 def build_model(cfg: Config) -> TGDPModel:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import dist
 from .config import Config
+from .masking import BatchSlice
 from .model import TGDPModel, build_model
 from .teacher import EMATeacher, guidance_active, momentum_at, needs_teacher
 
@@ -88,7 +89,7 @@ def autocast_for(cfg: Config, device: torch.device):
 
 def mask_generator(cfg: Config, step: int, device: torch.device) -> torch.Generator:
     """The masks' noise source for one step: a function of (seed, step) only. Every rank
-    draws the global batch's noise and keeps its rows (see ``random_masking(rows=...)``)."""
+    draws the global batch's noise and keeps its rows (``masking.BatchSlice``)."""
     g = torch.Generator(device=device)
     return g.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + 1)
 
@@ -98,14 +99,18 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: torch.optim.Optimizer,
-               fbank: torch.Tensor, frames: torch.Tensor, step: int,
+               fbank: torch.Tensor, frames: torch.Tensor, step: int, *,
                generator: torch.Generator | None = None, student: TGDPModel | None = None,
-               autocast=None, rows: tuple[int, int] | None = None, log: bool = True) -> dict[str, float]:
+               autocast=None, batch_slice: BatchSlice | None = None, log: bool = True) -> dict[str, float]:
     """One optimiser step; returns the loss parts, gradient norm and embedding statistics.
 
+    fbank (B, T, F) and frames (B, 3, H, W) are this process's rows of the global batch.
     ``model`` may be a DDP wrapper of ``student`` (the unwrapped model, whose encoder the
-    teacher follows); in one process leave ``student`` None. With ``log=False`` the statistics
-    (and their all-reduce across ranks) are skipped and the record is empty.
+    teacher follows); in one process leave ``student`` None. ``generator`` seeds the masks
+    (``mask_generator``); ``batch_slice`` says which rows of the global batch this rank holds,
+    so every sample gets the mask it gets in one process. ``autocast``: a context such as
+    ``autocast_for(cfg, device)``. With ``log=False`` the statistics (and their all-reduce
+    across ranks) are skipped and the record is empty.
     """
     student = student or model
     cfg = student.cfg
@@ -116,7 +121,7 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
         if teacher is not None:
             priority = cfg.objective.score_direction if guidance_active(cfg, step) else None
             guide = teacher(fbank, frames, priority)
-        out = model(fbank, frames, guide, generator, rows, contrastive_ratio=contrastive_ratio_at(step, cfg))
+        out = model(fbank, frames, guide, generator, batch_slice, contrastive_ratio=contrastive_ratio_at(step, cfg))
     if not torch.isfinite(out.loss):
         raise NonFiniteLossError(f"non-finite loss at step {step}: "
                                  + ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items()))
@@ -129,21 +134,27 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
         teacher.update(student.encoder, momentum)
     if not log:
         return {}
-    with torch.no_grad():
-        # collapse watch: mean cosine between different samples' audio and visual embeddings
-        a = F.normalize(out.audio.float(), dim=-1)
-        v = F.normalize(out.visual.float(), dim=-1)
-        B = a.shape[0]
-        off_diag = ((a @ v.T).sum() - (a * v).sum()) / max(1, B * (B - 1))
-        names = ["loss", *out.parts, "offdiag_cos"]
-        values = torch.stack([out.loss.detach().float(), *(p.detach().float() for p in out.parts.values()), off_diag])
-        if dist.is_distributed():  # log the global batch's losses, not rank 0's share
-            torch_dist.all_reduce(values)
-            values /= dist.world_size()
-    record = dict(zip(names, values.tolist()), grad_norm=float(grad_norm))
+    record = _step_statistics(out)
+    record["grad_norm"] = float(grad_norm)
     if teacher is not None:
         record["momentum"] = momentum
     return record
+
+
+@torch.no_grad()
+def _step_statistics(out) -> dict[str, float]:
+    """The loss, its parts and the collapse watch (mean cosine between different samples'
+    audio and visual embeddings), averaged over ranks under DDP (the global batch's values)."""
+    a = F.normalize(out.audio.float(), dim=-1)
+    v = F.normalize(out.visual.float(), dim=-1)
+    B = a.shape[0]
+    off_diag = ((a @ v.T).sum() - (a * v).sum()) / max(1, B * (B - 1))
+    names = ["loss", *out.parts, "offdiag_cos"]
+    values = torch.stack([out.loss.detach().float(), *(p.detach().float() for p in out.parts.values()), off_diag])
+    if dist.is_distributed():
+        torch_dist.all_reduce(values)
+        values /= dist.world_size()
+    return dict(zip(names, values.tolist()))
 
 
 # ---------------------------------------------------------------------- the loop
@@ -152,6 +163,26 @@ class TrainResult:
     out_dir: Path
     checkpoint: Path | None  # last.pt of the run (None on ranks other than 0)
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl records
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: config, models, optimiser, data and where it stands."""
+
+    cfg: Config
+    out_dir: Path
+    device: torch.device
+    student: TGDPModel  # the model being trained (unwrapped)
+    model: torch.nn.Module  # the student, or its DDP wrapper
+    teacher: EMATeacher | None
+    optimizer: torch.optim.Optimizer
+    loader: Iterable[dict[str, torch.Tensor]]
+    start_step: int
+    history: list[dict[str, Any]]
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / "last.pt"
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -165,89 +196,119 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
     ``callbacks`` receive each logged record (a dict: step, losses, lr, samples/s, ...).
     ``dataset`` overrides the manifest of ``cfg.data`` (an ``AVDataset`` in training mode).
     """
-    from .dataset import AVDataset, train_loader
-
     cfg.validate()
     started_dist = _init_distributed()
     try:
-        device = resolve_device(cfg)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if dataset is None:
-            cfg = resolve_data(cfg)
-        out_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
-        if dist.is_distributed():  # every rank writes to rank 0's folder
-            box = [str(out_dir)]
-            torch_dist.broadcast_object_list(box, src=0)
-            out_dir = Path(box[0])
-
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        student = build_model(cfg).to(device).train()
-        teacher = make_teacher(student)
-        optimizer = make_optimizer(student, cfg)
-        start_step, history = 0, []
-        last = out_dir / "last.pt"
-        if resume and last.exists():
-            start_step, history = _restore(last, cfg, student, teacher, optimizer, device)
-        if dist.is_main():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(out_dir / "config.json")
-        model = student
-        if dist.is_distributed():
-            model = torch.nn.parallel.DistributedDataParallel(
-                student, device_ids=[device.index] if device.type == "cuda" else None)
-
-        data = dataset or _rank0_first(lambda: AVDataset(cfg.data.train_manifest, cfg, train=True))
-        loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
-        autocast = autocast_for(cfg, device)
-        log = None
-        if dist.is_main():  # the restored history, then this run's records (drops those logged after the checkpoint)
-            log = open(out_dir / "metrics.jsonl", "w")
-            log.writelines(json.dumps(r) + "\n" for r in history)
-        bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"{cfg.method} {cfg.preset_name}",
-                   unit="step", disable=not dist.is_main())
-        window_start, window_samples, collapse_warned = time.perf_counter(), 0, False
-        step = start_step
-        try:
-            for batch in loader:
-                fbank = batch["fbank"].to(device, non_blocking=True)
-                frames = batch["frames"].to(device, non_blocking=True)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg)
-                rows = (dist.rank() * fbank.shape[0], cfg.train.batch_size)
-                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
-                record = train_step(model, teacher, optimizer, fbank, frames, step,
-                                    mask_generator(cfg, step, device), student, autocast, rows, log_now)
-                window_samples += fbank.shape[0] * dist.world_size()
-                step += 1
-                bar.update(1)
-                if log_now:
-                    now = time.perf_counter()
-                    record.update(step=step, lr=lr_at(step - 1, cfg),
-                                  samples_per_s=window_samples / max(now - window_start, 1e-9))
-                    window_start, window_samples = now, 0
-                    collapse_warned |= _warn_on_collapse(record, cfg, collapse_warned)
-                    history.append(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", con=f"{record['contrastive']:.3f}",
-                                    sps=f"{record['samples_per_s']:.0f}")
-                    if log:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    for callback in callbacks:
-                        callback(record)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                    _save(out_dir, cfg, student, teacher, optimizer, step, history)
-        except NonFiniteLossError as err:
-            good = f"; the last good checkpoint is {last}" if last.exists() else ""
-            raise NonFiniteLossError(f"{err}{good}") from None
-        finally:
-            bar.close()
-            if log:
-                log.close()
-        return TrainResult(out_dir, last if dist.is_main() else None, history)
+        run = setup_run(cfg, out_dir, resume, dataset)
+        with RunLog(run, callbacks) as log:
+            train_steps(run, log)
+        return TrainResult(run.out_dir, run.last if dist.is_main() else None, log.history)
     finally:
         if started_dist:
             torch_dist.destroy_process_group()
+
+
+def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=None) -> Run:
+    """Device, data, models, optimiser and run folder; restores ``out_dir/last.pt`` when resuming."""
+    from .dataset import AVDataset, train_loader
+
+    device = resolve_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dataset is None:
+        cfg = resolve_data(cfg)
+    out_dir = _shared_run_dir(Path(out_dir) if out_dir else default_run_dir(cfg))
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    student = build_model(cfg).to(device).train()
+    teacher = make_teacher(student)
+    optimizer = make_optimizer(student, cfg)
+    start_step, history = 0, []
+    if resume and (out_dir / "last.pt").exists():
+        start_step, history = _restore(out_dir / "last.pt", cfg, student, teacher, optimizer, device)
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.json")
+    model = student
+    if dist.is_distributed():
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    data = dataset or _rank0_first(lambda: AVDataset(cfg.data.train_manifest, cfg, train=True))
+    loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
+    return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history)
+
+
+def train_steps(run: Run, log: "RunLog") -> None:
+    """The loop: one ``train_step`` per batch, records to ``log``, checkpoints every
+    ``train.checkpoint_every`` steps and at the end."""
+    cfg, device = run.cfg, run.device
+    autocast = autocast_for(cfg, device)
+    step = run.start_step
+    try:
+        for batch in run.loader:
+            fbank = batch["fbank"].to(device, non_blocking=True)
+            frames = batch["frames"].to(device, non_blocking=True)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            record = train_step(run.model, run.teacher, run.optimizer, fbank, frames, step,
+                                generator=mask_generator(cfg, step, device), student=run.student,
+                                autocast=autocast, log=log.due(step + 1),
+                                batch_slice=BatchSlice(dist.rank() * fbank.shape[0], cfg.train.batch_size))
+            step += 1
+            log.step_done(step, record, fbank.shape[0] * dist.world_size())
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                save_run(run, step, log.history)
+    except NonFiniteLossError as err:
+        good = f"; the last good checkpoint is {run.last}" if run.last.exists() else ""
+        raise NonFiniteLossError(f"{err}{good}") from None
+
+
+class RunLog:
+    """The run's records: metrics.jsonl (rank 0), the progress bar, callbacks, the collapse warning.
+
+    A resumed run's file is rewritten with the restored history first, so records logged
+    after the checkpoint it resumes from are dropped, not duplicated.
+    """
+
+    def __init__(self, run: Run, callbacks: Iterable[Callable[[dict], Any]] = ()):
+        self.cfg, self.callbacks, self.history = run.cfg, list(callbacks), run.history
+        self.file = None
+        if dist.is_main():
+            self.file = open(run.out_dir / "metrics.jsonl", "w")
+            self.file.writelines(json.dumps(r) + "\n" for r in self.history)
+        self.bar = tqdm(total=self.cfg.train.steps, initial=run.start_step, unit="step",
+                        desc=f"{self.cfg.method} {self.cfg.preset_name}", disable=not dist.is_main())
+        self.window_start, self.window_samples, self.collapse_warned = time.perf_counter(), 0, False
+
+    def due(self, step: int) -> bool:
+        """Whether the step that ends at ``step`` is logged."""
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
+
+    def step_done(self, step: int, record: dict[str, float], samples: int) -> None:
+        self.window_samples += samples
+        self.bar.update(1)
+        if not record:
+            return
+        now = time.perf_counter()
+        record.update(step=step, lr=lr_at(step - 1, self.cfg),
+                      samples_per_s=self.window_samples / max(now - self.window_start, 1e-9))
+        self.window_start, self.window_samples = now, 0
+        self.collapse_warned |= _warn_on_collapse(record, self.cfg, self.collapse_warned)
+        self.history.append(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", con=f"{record['contrastive']:.3f}",
+                             sps=f"{record['samples_per_s']:.0f}")
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        for callback in self.callbacks:
+            callback(record)
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
 
 def resolve_data(cfg: Config) -> Config:
@@ -276,6 +337,15 @@ def _rank0_first(make: Callable[[], Any]) -> Any:
     return make()
 
 
+def _shared_run_dir(out_dir: Path) -> Path:
+    """Rank 0's run folder on every rank (default folder names carry the time)."""
+    if dist.is_distributed():
+        box = [str(out_dir)]
+        torch_dist.broadcast_object_list(box, src=0)
+        out_dir = Path(box[0])
+    return out_dir
+
+
 def _init_distributed() -> bool:
     """Join torchrun's process group when its environment says so; False if nothing started."""
     if dist.is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -297,13 +367,14 @@ def _warn_on_collapse(record: dict, cfg: Config, already: bool) -> bool:
     return False
 
 
-def _save(out_dir: Path, cfg: Config, student: TGDPModel, teacher: EMATeacher | None,
-          optimizer: torch.optim.Optimizer, step: int, history: list) -> None:
+def save_run(run: Run, step: int, history: list) -> None:
+    """step{step}.pt with everything a resume needs, last.pt linked to it, old steps pruned (rank 0)."""
     if not dist.is_main():
         return
+    out_dir, cfg = run.out_dir, run.cfg
     payload = ckpt.model_payload(
-        student, step=step, teacher=teacher.state_dict() if teacher else None,
-        optimizer=optimizer.state_dict(), history=history,
+        run.student, step=step, teacher=run.teacher.state_dict() if run.teacher else None,
+        optimizer=run.optimizer.state_dict(), history=history,
         rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
     step_file = ckpt.save_checkpoint(payload, out_dir / f"step{step:07d}.pt")
     ckpt.link_atomically(step_file, out_dir / "last.pt")  # the same bytes, serialised once

@@ -82,7 +82,7 @@ def main() -> None:
             record = {"contrastive": loss.item()}
         else:
             record = train_step(model, teacher, optimizer, fbank, image, step,
-                                mask_generator(cfg, step, torch.device("cpu")))
+                                generator=mask_generator(cfg, step, torch.device("cpu")))
         if (step + 1) % args.every == 0:
             report(model, record, fbank, image, train.frame_labels[clip, frame], step + 1, start)
     model.eval()

@@ -38,7 +38,7 @@ def cfg():
 
 
 def test_segment_bounds_follow_the_reference_formula():
-    for i in range(16):  # 16 frames over 1024 fbank frames, 416-frame segments (DESIGN.md)
+    for i in range(16):  # 16 frames over 1024 fbank frames, 416-frame segments (docs/method.md, "Inputs")
         centre = 64 * i
         start = min(max(0, centre - 208), 1024 - 416)
         assert D.segment_bounds(i, 16, 1024, 416) == (start, start + 416)

@@ -16,7 +16,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import tgdp_core as tg
-from tgdp_core import checkpoint, demo, evaluate
+from tgdp_core import bench, checkpoint, demo, evaluate, retrieval
 from test_dataset import make_clips
 
 # Gradio's queue still calls pandas options that pandas 3 deprecates; nothing here to act on.
@@ -103,34 +103,34 @@ def test_gallery_embeddings_are_cached_and_keyed_by_checkpoint_and_manifest(serv
     r = app.retriever
     assert r.cache_file.exists()
     monkeypatch.setattr(evaluate, "embed_clips", lambda *a, **k: pytest.fail("cache miss: embedded the gallery again"))
-    again = demo.Retriever(ckpt, manifest, r.cache_file.parents[1], progress=False)
+    again = retrieval.Retriever(ckpt, manifest, r.cache_file.parents[1], progress=False)
     assert again.cache_file == r.cache_file and torch.equal(again.visual, r.visual)
     monkeypatch.undo()
 
     copy = tmp_path / "copy.pt"
     shutil.copy(ckpt, copy)
-    other = demo.Retriever(copy, manifest, tmp_path / "cache", progress=False)
+    other = retrieval.Retriever(copy, manifest, tmp_path / "cache", progress=False)
     entries = json.loads(manifest.read_text())["data"][:2]
     smaller = manifest.with_name("two.json")
     smaller.write_text(json.dumps({"data": entries}))
-    two = demo.Retriever(copy, smaller, tmp_path / "cache", progress=False)
+    two = retrieval.Retriever(copy, smaller, tmp_path / "cache", progress=False)
     assert len({r.cache_file.name, other.cache_file.name, two.cache_file.name}) == 3
     assert torch.allclose(two.audio, r.audio[:2], atol=1e-5)
     os.utime(copy, ns=(0, 0))  # same path, new modification time: recomputed
-    assert demo.Retriever(copy, manifest, tmp_path / "cache", progress=False).cache_file != other.cache_file
+    assert retrieval.Retriever(copy, manifest, tmp_path / "cache", progress=False).cache_file != other.cache_file
 
 
 def test_an_untrained_checkpoint_without_teacher_uses_the_student(tmp_path, monkeypatch):
     manifest = make_clips(tmp_path / "gallery", n=2)
     path = checkpoint.save_checkpoint(checkpoint.model_payload(tg.build_model(tg.Config.preset("tiny"))),
                                       tmp_path / "model.pt")
-    r = demo.Retriever(path, manifest, progress=False)
+    r = retrieval.Retriever(path, manifest, progress=False)
     assert r.guide_source == "student" and r.step is None
     assert r.cache_file.parent == manifest.parent / ".tgdp_cache" / "demo"
     hits = r.search(r.audio_query(r.clips[1].wav).embedding, "visual", k=5)
     assert [h.rank for h in hits] == [1, 2] and hits[0].score >= hits[1].score
-    monkeypatch.setattr(demo, "MAX_IMAGE_PIXELS", 40 * 40)  # refused from the header, before decoding
-    with pytest.raises(demo.QueryError, match="48 x 40 pixels; images are limited to"):
+    monkeypatch.setattr(retrieval, "MAX_IMAGE_PIXELS", 40 * 40)  # refused from the header, before decoding
+    with pytest.raises(retrieval.QueryError, match="48 x 40 pixels; images are limited to"):
         r.image_query(r.clips[0].frame_path(0))
 
 
@@ -208,16 +208,16 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(served, client, 
 def test_handlers_read_only_gradio_uploads_within_the_size_limit(tmp_path):
     from gradio.utils import get_upload_folder
 
-    with pytest.raises(demo.QueryError, match="Gradio's own temporary files"):
+    with pytest.raises(retrieval.QueryError, match="Gradio's own temporary files"):
         demo._upload("/etc/hostname", 2**20)
-    with pytest.raises(demo.QueryError, match="Gradio's own temporary files"):
+    with pytest.raises(retrieval.QueryError, match="Gradio's own temporary files"):
         demo._upload({"path": str(write_tone(tmp_path / "a.wav", 1))}, 2**20)
     folder = Path(get_upload_folder()) / "tgdp-test"
     folder.mkdir(parents=True, exist_ok=True)
     inside = write_tone(folder / "b.wav", 1)
     try:
         assert demo._upload({"path": str(inside), "orig_name": "mine.wav"}, 2**20) == (inside.resolve(), "mine.wav")
-        with pytest.raises(demo.QueryError, match="mine.wav is 0.0 MB; uploads are limited to 0 MB"):
+        with pytest.raises(retrieval.QueryError, match="mine.wav is 0.0 MB; uploads are limited to 0 MB"):
             demo._upload({"path": str(inside), "orig_name": "mine.wav"}, 1000)
     finally:
         shutil.rmtree(folder)
@@ -239,7 +239,7 @@ def test_query_latency_reports_both_directions_on_a_1000_clip_gallery(served):
     r.audio, r.visual = r.audio.repeat(reps, 1)[:1000], r.visual.repeat(reps, 1)[:1000]
     r.dataset = copy.copy(r.dataset)
     r.dataset.valid = (r.dataset.valid * reps)[:1000]
-    latency = demo.query_latency(r, n=10, k=5)
+    latency = bench.query_latency(r, n=10, k=5)
     assert latency["clips"] == 1000 and latency["k"] == 5
     for direction in ("audio_to_visual", "visual_to_audio"):
         assert latency[direction]["median_ms"] > 0, latency

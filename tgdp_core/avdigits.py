@@ -15,7 +15,7 @@ A clip is a 5.12 s "video": 8 frames (frame i at 0.64 i s) and a 16 kHz mono wav
         the midpoint of its two frames
 
 Speech sits between the frames that show it, so the audio window the loaders pair with either
-frame (centred on the frame's time, DESIGN.md) holds that digit's speech and at most a few
+frame (centred on the frame's time, docs/method.md) holds that digit's speech and at most a few
 tens of ms of a neighbour's when the window is one event long (1.28 s, the tiny preset): no
 training pair holds more than 20 % of another digit's speech. With speech anywhere in a 1.28 s
 slot starting at frame 2j (version 3) and the 1.92 s windows tiny used then, 56 % of the pairs
@@ -79,16 +79,17 @@ import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from .formats import FRAME_SHIFT_MS, SAMPLE_RATE
+
 VERSION = "4"  # 2: manifests carry frame_labels; 3: dark_ink_share, background_contrast; 4: speech between its frames, grid_cells
-SAMPLE_RATE = 16_000
 CLIP_SECONDS = 5.12
-CLIP_SAMPLES = 81_920  # 5.12 s at 16 kHz
+CLIP_SAMPLES = round(CLIP_SECONDS * SAMPLE_RATE)  # 81,920
 FRAMES_PER_CLIP = 8
 EVENTS_PER_CLIP = 4
 FRAME_STEP_S = CLIP_SECONDS / FRAMES_PER_CLIP  # 0.64 s: frame i is at i * 0.64 s
 SLOT_SAMPLES = CLIP_SAMPLES // EVENTS_PER_CLIP  # 1.28 s between events (and their frames 2j)
 FRAME_SIZE = 128  # stored frames are FRAME_SIZE x FRAME_SIZE; loaders resize per preset
-FBANK_SHIFT_S = 0.01  # Kaldi fbank frame shift (DESIGN.md, Backbone)
+FBANK_SHIFT_S = FRAME_SHIFT_MS / 1000  # Kaldi fbank frame shift
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "test")
 DEFAULT_TRAIN, DEFAULT_TEST = 4000, 1000  # clips per split of the default set

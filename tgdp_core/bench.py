@@ -11,7 +11,7 @@ One run measures, on this machine:
                  on the built-in AV-Digits set against what a tiny TG-DP step consumes
     embed        clips/s through ``evaluate.embed_clips`` (the demo's gallery embedding)
     query        the demo's answer latency per direction on a ``--gallery``-clip gallery
-                 (``demo.query_latency``)
+                 (``query_latency``)
 
 and prints pass/fail lines for the issue's targets. The report is JSON (``--out``) plus a
 markdown table (beside it, ``.md``; always printed). Extra ``--section.field=value`` overrides
@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from . import evaluate
+from . import demo, evaluate
 from .checkpoint import model_payload, save_checkpoint
 from .config import METHODS, PRESETS, Config
 from .dataset import AVDataset, train_loader
-from .demo import Retriever, query_latency
+from .retrieval import Retriever
 from .flops import step_flops
 from .model import build_model
 from .teacher import EMATeacher, guidance_active
@@ -475,3 +475,37 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _split(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def query_latency(target, n: int = 20, k: int | None = None) -> dict[str, Any]:
+    """Time ``n`` queries in each direction on a loaded demo (a ``demo.build_app`` app or a ``Retriever``).
+
+    The query is the first gallery clip's wav (audio -> visual) and its middle frame (visual ->
+    audio), answered in full as the page answers it (decode, embed, token priority, search,
+    render) minus Gradio's serialisation. Returns milliseconds: median, p90 and max per
+    direction, and the median of the search alone.
+    """
+    r = target if isinstance(target, Retriever) else target.retriever
+    k = k or getattr(target, "top_k", demo.TOP_K)
+    clip = r.clips[0]
+    wav, frame = Path(clip.wav), Path(clip.frame_path(r.cfg.data.frames_per_clip // 2))
+    out: dict[str, Any] = {"clips": len(r.clips), "n": n, "k": k, "threads": torch.get_num_threads()}
+    for direction, run in (("audio_to_visual", lambda: demo.answer_audio(r, wav, wav.name, k)),
+                           ("visual_to_audio", lambda: demo.answer_image(r, frame, frame.name, k))):
+        run()  # warm-up: first calls pay for allocations and lazy imports
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            run()
+            times.append(1000 * (time.perf_counter() - start))
+        times.sort()
+        out[direction] = {"median_ms": statistics.median(times), "p90_ms": times[min(n - 1, int(0.9 * n))],
+                          "max_ms": times[-1]}
+    query = r.visual[0]
+    times = []
+    for _ in range(max(n, 20)):
+        start = time.perf_counter()
+        r.search(query, "audio", k)
+        times.append(1000 * (time.perf_counter() - start))
+    out["search_median_ms"] = statistics.median(times)
+    return out

@@ -5,7 +5,7 @@
     cfg.override("objective.selection=random")        # CLI form
     Config.from_dict(cfg.to_dict()) == cfg             # JSON-safe round trip
 
-Methods (DESIGN.md, "Methods are one config field"):
+Methods (docs/method.md, "Methods"):
   tgdp    two passes: random 0.75 reconstruction path + teacher-guided 0.50 contrastive path
   sync    one pass, CAV-MAE Sync: random 0.75 mask, reconstruction + InfoNCE on global tokens
   cavmae  one pass, CAV-MAE: no global/register tokens, InfoNCE on mean-pooled joint tokens,
@@ -20,6 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .formats import FBANK_MEAN, FBANK_STD, SAMPLE_RATE
 
 METHODS = ("tgdp", "sync", "cavmae")
 SELECTIONS = ("guided", "random", "probabilistic")
@@ -101,26 +103,26 @@ class TeacherConfig:
     momentum_start: float = 0.996
     momentum_end: float = 1.0
     # Steps of random selection before the teacher's guidance starts: a fresh teacher
-    # attends almost at random (DESIGN.md), so early guidance adds nothing.
+    # attends almost at random (docs/method.md, "The teacher"), so early guidance adds nothing.
     guidance_warmup_steps: int = 0
 
 
 @dataclass
 class DataConfig:
-    """Where the clips come from and how they become model inputs (DESIGN.md, "Backbone")."""
+    """Where the clips come from and how they become model inputs (docs/method.md, "Inputs")."""
 
     # CAV-MAE manifests ({"data": [{"video_id", "wav", "video_path", "labels"}]}) and label CSV.
     # Empty: the built-in AV-Digits benchmark, generated under data/generated on first use.
     train_manifest: str = ""
     test_manifest: str = ""
     label_csv: str = ""
-    sample_rate: int = 16000  # audio is resampled to this rate, mono
+    sample_rate: int = SAMPLE_RATE  # audio is resampled to this rate, mono (16 kHz)
     clip_frames: int = 1024  # fbank frames per clip after pad/crop (10 ms shift: 1024 = 10.24 s)
     # Video frames per clip; frame i pairs with the audio segment centred at fbank frame
     # round(i * clip_frames / frames_per_clip) (64 * i for the reference 1024 / 16).
     frames_per_clip: int = 16
-    fbank_mean: float = -5.081  # AudioSet statistics, also used for VGGSound: (x - mean) / std
-    fbank_std: float = 4.4849
+    fbank_mean: float = FBANK_MEAN  # AudioSet statistics, also used for VGGSound: (x - mean) / std
+    fbank_std: float = FBANK_STD
     # Compute fbanks and resized frames once and memory-map them (turn off for corpora too
     # large to cache: frames are then decoded per step).
     cache: bool = True

@@ -2,7 +2,7 @@
 
 A clip of a CAV-MAE manifest has one wav and ``frames_per_clip`` frames
 (``video_path/frame_{i}/{video_id}.jpg``). Sync and TG-DP train on one frame per clip and step,
-paired with the fbank segment centred on it (DESIGN.md): frame i sits at fbank frame
+paired with the fbank segment centred on it (docs/method.md, "Inputs"): frame i sits at fbank frame
 ``round(i * clip_frames / frames_per_clip)`` and its segment is ``audio_frames`` long, shifted
 back to fit inside the clip. Evaluation uses every frame with its segment.
 

@@ -9,7 +9,7 @@ Everything here works on tensors, so the same functions serve the CLI, notebooks
     attention_probe(train_x, train_y, test_x, test_y, multilabel=False)  # {"top1": ..}
     print(markdown_table({"sync": sync_metrics, "tgdp": tgdp_metrics}))
 
-Protocols follow DESIGN.md ("Evaluation protocols"). Every metric is reported in percent except
+Protocols follow docs/method.md ("Evaluation"). Every metric is reported in percent except
 ranks, which are 1-based positions.
 
 Ties. A collapsed encoder maps every clip to the same embedding, so every similarity ties; if
@@ -89,7 +89,7 @@ def _as_clips(emb: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def clip_similarity(audio_emb: torch.Tensor, visual_emb: torch.Tensor) -> torch.Tensor:
-    """Clip-to-clip similarity (DESIGN.md): sim[i, j] = mean over k of cos(a_ik, v_jk).
+    """Clip-to-clip similarity (docs/method.md, "Evaluation"): sim[i, j] = mean over k of cos(a_ik, v_jk).
 
     audio_emb (Na, K, D), visual_emb (Nv, K, D): the K aligned frame/segment pairs of each clip
     ((N, D) means K = 1). Rows are audio clips, columns visual clips: (Na, Nv). Embeddings are
@@ -340,7 +340,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 def attention_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                     multilabel: bool, epochs: int = 30, lr: float = 1e-3, weight_decay: float = 0.05,
                     batch_size: int = 256, seed: int = 0, heads: int | None = None) -> dict[str, float]:
-    """Attention probe (DESIGN.md) on frozen per-token features x (N, K, D), e.g. 16 per-frame
+    """Attention probe (docs/method.md, "Evaluation") on frozen per-token features x (N, K, D), e.g. 16 per-frame
     global features per clip, or audio and visual ones concatenated along K.
 
     A learnable query token is prepended, two pre-norm transformer blocks (``layers.Block``)

@@ -30,7 +30,7 @@ from .model import build_model
 from .trainer import resolve_data, train
 from .viz import plot_ablation, plot_quickstart
 
-# The paper's ablation (DESIGN.md, "TG-DP (the paper)"): overrides of the TG-DP config and the
+# The paper's ablation (docs/method.md, "The paper's numbers"): overrides of the TG-DP config and the
 # published VGGSound A->V R@1 / AS20K attention-probe mAP of each row.
 ABLATION_ROWS: dict[str, dict[str, Any]] = {
     "single pass (CAV-MAE Sync)": {"method": "sync"},

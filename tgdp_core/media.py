@@ -1,6 +1,7 @@
 """Decoding and input features: audio (soundfile, PyAV), Kaldi fbank, frames, clip extraction.
 
-The formats follow CAV-MAE / CAV-MAE Sync (DESIGN.md, "Backbone" and "Data formats"):
+The formats follow CAV-MAE / CAV-MAE Sync (docs/method.md, "Inputs" and "Data formats"; the constants
+live in ``formats.py``):
 
     read_audio(path)           -> (T,)               float32 mono waveform at 16 kHz
     fbank(waveform)            -> (1024, 128)        normalised log-mel filterbank
@@ -25,13 +26,8 @@ import torch
 import torchaudio
 from PIL import Image
 
-# AudioSet fbank statistics (CAV-MAE); also used for VGGSound (DESIGN.md).
-FBANK_MEAN = -5.081
-FBANK_STD = 4.4849
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FRAME_LENGTH_MS = 25.0
-FRAME_SHIFT_MS = 10.0
+from .formats import FBANK_MEAN, FBANK_STD, FRAME_LENGTH_MS, FRAME_SHIFT_MS, IMAGENET_MEAN, IMAGENET_STD, SAMPLE_RATE
+
 JPEG_QUALITY = 90
 # A file whose decodable content ends this much before the duration its header declares is
 # truncated (e.g. a WebM cut short still declares the full length and decodes to the cut).
@@ -59,7 +55,7 @@ class MediaError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- audio
-def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> torch.Tensor:
+def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Read an audio file as a mono float32 waveform (T,) at ``sample_rate``.
 
     Channels are averaged (not summed, so the result stays within [-1, 1]); other rates are
@@ -82,7 +78,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> torch.Tenso
     return waveform
 
 
-def fbank(waveform: torch.Tensor, sample_rate: int = 16000, mel_bins: int = 128, num_frames: int = 1024,
+def fbank(waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE, mel_bins: int = 128, num_frames: int = 1024,
           mean: float = FBANK_MEAN, std: float = FBANK_STD) -> torch.Tensor:
     """Normalised Kaldi log-mel filterbank of a mono waveform (T,) -> (num_frames, mel_bins).
 
@@ -164,7 +160,7 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
 
 
 def extract_clip(video_path: str | os.PathLike, out_dir: str | os.PathLike, video_id: str, num_frames: int = 16,
-                 seconds: float = 10.0, sample_rate: int = 16000, frame_size: int = 224) -> dict[str, Any]:
+                 seconds: float = 10.0, sample_rate: int = SAMPLE_RATE, frame_size: int = 224) -> dict[str, Any]:
     """Decode one video into the CAV-MAE layout under ``out_dir``.
 
     Audio: mono (channels averaged) at ``sample_rate``, zero-padded or cut to exactly
@@ -207,15 +203,7 @@ def extract_clip(video_path: str | os.PathLike, out_dir: str | os.PathLike, vide
     if not picker.chosen:
         raise MediaError(video_path, "the video stream decodes to no frames (zero duration)")
 
-    audio_seconds = len(audio) / rate
-    waveform = torch.from_numpy(audio)
-    if rate != sample_rate:
-        waveform = torchaudio.functional.resample(waveform, rate, sample_rate)
-    length = round(seconds * sample_rate)
-    waveform = torch.nn.functional.pad(waveform, (0, max(0, length - waveform.shape[0])))[:length]
-    # Resampling can overshoot full scale slightly; clip so the 16-bit conversion cannot wrap.
-    pcm = waveform.clamp(-1.0, 1.0).numpy()
-
+    pcm = _fixed_length_pcm(audio, rate, sample_rate, seconds)
     wav_path, frame_paths = clip_paths(out_dir, video_id, num_frames)
     for image, path in zip(picker.chosen, frame_paths):
         write_atomic(path, lambda tmp, image=image: image.save(tmp, format="JPEG", quality=JPEG_QUALITY))
@@ -225,9 +213,20 @@ def extract_clip(video_path: str | os.PathLike, out_dir: str | os.PathLike, vide
         "wav": str(wav_path),
         "video_path": str(Path(out_dir) / "frames"),
         "frames": [str(p) for p in frame_paths],
-        "audio_seconds": audio_seconds,
+        "audio_seconds": len(audio) / rate,
         "padded_frames": picker.padded,
     }
+
+
+def _fixed_length_pcm(audio: np.ndarray, rate: int, sample_rate: int, seconds: float) -> np.ndarray:
+    """(T,) mono samples at ``rate`` -> exactly ``seconds`` at ``sample_rate`` (zero-padded or cut), in [-1, 1]."""
+    waveform = torch.from_numpy(audio)
+    if rate != sample_rate:
+        waveform = torchaudio.functional.resample(waveform, rate, sample_rate)
+    length = round(seconds * sample_rate)
+    waveform = torch.nn.functional.pad(waveform, (0, max(0, length - waveform.shape[0])))[:length]
+    # Resampling can overshoot full scale slightly; clip so the 16-bit conversion cannot wrap.
+    return waveform.clamp(-1.0, 1.0).numpy()
 
 
 class _FramePicker:

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .formats import SAMPLE_RATE
 from .media import MediaError, clip_paths, extract_clip, write_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
-SAMPLE_RATE = 16000  # the backbone's audio rate (DESIGN.md, "Backbone")
 SHOWN_REJECTS = 20  # rejects printed in the summary; all of them are in rejects.csv
 
 LABELS_HELP = """\

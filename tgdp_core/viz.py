@@ -65,7 +65,8 @@ def plot_quickstart(run_dirs: dict[str, Path], rows: dict[str, dict[str, float]]
 def plot_ablation(summary: dict[str, dict[str, float]], paper: dict[str, tuple[float, float]]) -> Figure:
     """Ablation rows: our A->V R@1 / class P@1 / mAP (mean +- sd) beside the paper's numbers."""
     names = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.5 * len(names) + 1.5), sharey=True)
+    # the legend sits below the panels ("outside"): inside, it covered the longest bars (issue 16)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.5 * len(names) + 1.9), sharey=True, layout="constrained")
     y = range(len(names))
     for ax, (metric, paper_col, title) in zip(axes, (("A->V R@1", 0, "A->V R@1 (%)"), ("mAP", 1, "probe mAP (%)"))):
         ax.barh([i - 0.2 for i in y], [summary[n][metric] for n in names], 0.4,
@@ -76,8 +77,7 @@ def plot_ablation(summary: dict[str, dict[str, float]], paper: dict[str, tuple[f
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(list(y), names)
     axes[0].invert_yaxis()
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 
@@ -378,7 +378,7 @@ def plot_ablation_deltas(summary: dict[str, dict[str, float]], paper: dict[str, 
     names = [n for n in summary if n != reference]
     ours = [summary[n][metric] - summary[reference][metric] for n in names]
     theirs = [paper[n][0] - paper[reference][0] for n in names]
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.2))
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.6), layout="constrained")
     y = np.arange(len(names))
     ax.barh(y - 0.2, ours, 0.4, label=f"AV-Digits {metric}")
     ax.barh(y + 0.2, theirs, 0.4, alpha=0.6, label="paper VGGSound A->V R@1")
@@ -386,9 +386,8 @@ def plot_ablation_deltas(summary: dict[str, dict[str, float]], paper: dict[str, 
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel(f"points vs {reference!r}")
-    ax.legend(fontsize=7)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=7, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
     return fig
 
 

@@ -7,6 +7,7 @@ number of ``--section.field=value`` overrides, e.g.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,8 @@ def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> None:
     rows = quickstart(args.out, steps=args.steps)
     print("\n" + markdown_table(rows, QUICKSTART_COLUMNS))
     print(f"\n(percent; 'chance' is what a model that knows nothing scores; {time.perf_counter() - start:.0f} s in all)")
+    phases = json.loads((Path(args.out) / "timing.json").read_text())
+    print("where the time went: " + "; ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items()))
     print(f"results, checkpoints and plots: {args.out}/  (table.md, results.json, quickstart.png, tgdp/last.pt)")
     print("next: `python -m tgdp_core demo` for retrieval in the browser with the TG-DP checkpoint;")
     print("      `.venv/bin/jupyter lab notebooks/` for the walkthroughs (01_pretraining.ipynb first)")

@@ -15,6 +15,7 @@ import json
 import math
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def run_row(cfg: Config, out_dir: Path, bench: Benchmark) -> dict[str, float]:
     wall = time.perf_counter() - start
     metrics = evaluate_model(load_model(result.checkpoint), bench.test, bench.probe_train)
     metrics["train s"] = wall
+    metrics["eval s"] = time.perf_counter() - start - wall
     metrics["contrastive loss"] = result.history[-1]["contrastive"] if result.history else math.nan
     results.write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -156,24 +158,39 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int | None = None, pr
     ``cfg``: the starting config (default: the tiny preset on the default AV-Digits set).
     """
     out = Path(out)
-    base = resolve_data(cfg or Config.preset("tiny"))
+    phases: dict[str, float] = {}  # wall seconds per phase of this call (timing.json): where the time goes
+    with _timed(phases, "data (AV-Digits generated on first use)"):
+        base = resolve_data(cfg or Config.preset("tiny"))
     steps = steps or base.train.steps
-    bench = benchmark_for(base, probe_clips)
+    with _timed(phases, "feature caches (built on first use)"):
+        bench = benchmark_for(base, probe_clips)
     rows: dict[str, dict[str, float]] = {"chance": chance_row(bench)}
     untrained = out / "untrained.json"
-    if not untrained.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(base.train.seed)
-        untrained.write_text(json.dumps(evaluate_model(build_model(base), bench.test, bench.probe_train), indent=2))
+    with _timed(phases, "untrained model: evaluation"):
+        if not untrained.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(base.train.seed)
+            untrained.write_text(json.dumps(evaluate_model(build_model(base), bench.test, bench.probe_train), indent=2))
     rows["untrained"] = json.loads(untrained.read_text())
     for method in ("sync", "tgdp"):
-        rows[method] = run_row(with_method(base, method, steps), out / method, bench)
+        with _timed(phases, f"{method}: training and evaluation (finished runs are reused)"):
+            rows[method] = run_row(with_method(base, method, steps), out / method, bench)
     table = markdown_table(rows, QUICKSTART_COLUMNS)
     (out / "table.md").write_text(table)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "timing.json").write_text(json.dumps(phases, indent=2))
     figure = plot_quickstart({m: out / m for m in ("sync", "tgdp")}, rows)
     figure.savefig(out / "quickstart.png", dpi=110, bbox_inches="tight")
     return rows
+
+
+@contextmanager
+def _timed(phases: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------- ablation

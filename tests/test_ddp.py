@@ -12,8 +12,14 @@ from conftest import SyntheticAV
 
 
 def test_two_rank_run_matches_one_process(tmp_path):
-    cfg = tg.Config.preset("tiny", train=dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1),
-                           data={"workers": 0})
+    from test_dataset import make_clips
+
+    # with an evaluation at the last step (rank 0 evaluates, rank 1 waits; both draw the
+    # masked views, whose InfoNCE gathers across ranks)
+    test_manifest = str(make_clips(tmp_path / "test", n=3))
+    cfg = tg.Config.preset("tiny", train=dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1,
+                                              eval_every=2, keep_best="A->V R@1"),
+                           data={"workers": 0, "test_manifest": test_manifest})
     env_script = Path(__file__).with_name("ddp_worker.py")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -27,6 +33,9 @@ def test_two_rank_run_matches_one_process(tmp_path):
     for a, b in zip(ddp, single.history):
         for key in ("loss", "rec", "distill", "contrastive"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert "eval/A->V R@1" in ddp[1] and "eval/A->V R@1" in single.history[1]
+    assert (tmp_path / "ddp" / "best.pt").exists()
+    assert len(list((tmp_path / "ddp" / "tensorboard").iterdir())) == 1  # one events file: rank 0 only
     # same weights after two optimiser steps (DDP averaged the ranks' gradients). Adam moves
     # each weight by about lr per step whatever its gradient's size, so the tolerance is a
     # tenth of lr; the key biases are left out: softmax ignores them, their gradient is zero

@@ -188,8 +188,9 @@ class Pairs:
     fbank: torch.Tensor  # (P, T, F) normalised segments
     frames: torch.Tensor  # (P, 3, S, S) normalised frames
     images: np.ndarray  # (P, S, S, 3) uint8 frames
-    audio_relevant: torch.Tensor  # (P, Na) bool: the token's time column overlaps a spoken digit
-    visual_relevant: torch.Tensor  # (P, Nv) bool: the digit covers the patch (avdigits.MIN_COVER)
+    # (P, Na) bool: the token's time column overlaps a spoken digit; None without ground truth
+    audio_relevant: torch.Tensor | None
+    visual_relevant: torch.Tensor | None  # (P, Nv) bool: the digit covers the patch (avdigits.MIN_COVER)
     start_s: list[float]  # where each segment starts in its clip, seconds
 
 

@@ -26,6 +26,12 @@ from .formats import FBANK_MEAN, FBANK_STD, SAMPLE_RATE
 METHODS = ("tgdp", "sync", "cavmae")
 SELECTIONS = ("guided", "random", "probabilistic")
 SCORE_DIRECTIONS = ("patch_to_global", "global_to_patch")
+LOG_TARGETS = ("jsonl", "tensorboard", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+# The metrics `evaluate.evaluate_model` reports that train.keep_best can choose from (P@k needs
+# a label CSV, "pair P@1" per-frame labels as AV-Digits has).
+EVAL_METRICS = tuple(f"{d} {m}" for d in ("A->V", "V->A")
+                     for m in ("R@1", "R@5", "R@10", "MedR", "P@1", "P@5", "P@10", "pair P@1"))
 
 
 @dataclass
@@ -152,9 +158,40 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda"
     log_every: int = 10  # steps between metrics.jsonl records (and callbacks)
+    # Where each record goes (rank 0): "jsonl" (run folder/metrics.jsonl), "tensorboard"
+    # (run folder/tensorboard, `tensorboard --logdir runs`), "wandb" (the optional extra
+    # tgdp_core[wandb]; offline unless wandb_mode says otherwise). Issue 15.
+    log_to: tuple[str, ...] = ("jsonl", "tensorboard")
+    wandb_project: str = "tgdp"  # W&B project of the run (only with "wandb" in log_to)
+    # "offline" (default: files under the run folder, no network; `wandb sync` uploads them
+    # later), "online" or "disabled".
+    wandb_mode: str = "offline"
+    # Steps between evaluations during training (0 = none): zero-shot retrieval on
+    # data.test_manifest, the metrics of `python -m tgdp_core eval`, logged as "eval/<metric>".
+    eval_every: int = 0
+    eval_clips: int = 0  # evaluate on the first N clips of the test manifest (0 = all)
+    # Keep the best checkpoint by this evaluation metric, e.g. "A->V R@1" (run folder/best.pt;
+    # MedR: lower is better, every other metric higher). "" = keep none.
+    keep_best: str = ""
     checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # the newest k step checkpoints are kept, besides last.pt
     seed: int = 0
+
+    def problems(self) -> list[str]:
+        """What is wrong with the tracking and evaluation fields (``Config.validate`` reports it)."""
+        out = []
+        unknown = [t for t in self.log_to if t not in LOG_TARGETS]
+        if unknown or len(set(self.log_to)) != len(self.log_to):
+            out.append(f"train.log_to {list(self.log_to)} must name each of {', '.join(LOG_TARGETS)} at most once")
+        if self.wandb_mode not in WANDB_MODES:
+            out.append(f"train.wandb_mode {self.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}")
+        if self.eval_every < 0 or self.eval_clips < 0:
+            out.append("train.eval_every and train.eval_clips must be >= 0 (0: off / all clips)")
+        if self.keep_best and self.keep_best not in EVAL_METRICS:
+            out.append(f"train.keep_best {self.keep_best!r} is not one of {', '.join(EVAL_METRICS)}")
+        if self.keep_best and not self.eval_every:
+            out.append("train.keep_best needs evaluations: set train.eval_every > 0")
+        return out
 
 
 @dataclass
@@ -260,6 +297,7 @@ class Config:
             problems.append(f"model.audio_frames={m.audio_frames} exceeds data.clip_frames={self.data.clip_frames}")
         if not 0.0 <= self.teacher.momentum_start <= self.teacher.momentum_end <= 1.0:
             problems.append("teacher momentum must satisfy 0 <= momentum_start <= momentum_end <= 1")
+        problems += self.train.problems()
         if problems:
             raise ValueError("invalid config: " + "; ".join(problems))
 

@@ -11,12 +11,11 @@ one step for step.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import dist
+from . import dist, tracking
 from .config import Config
 from .masking import BatchSlice
 from .model import TGDPModel, build_model
@@ -179,6 +178,7 @@ class Run:
     loader: Iterable[dict[str, torch.Tensor]]
     start_step: int
     history: list[dict[str, Any]]
+    evaluator: Any = None  # periodic_eval.PeriodicEval when train.eval_every > 0, else None
 
     @property
     def last(self) -> Path:
@@ -190,16 +190,18 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Callable[[dict], Any]] = (),
-          resume: bool = True, dataset=None) -> TrainResult:
+          resume: bool = True, dataset=None, eval_dataset=None) -> TrainResult:
     """Pretrain ``cfg.method`` for ``cfg.train.steps`` steps; resumes from ``out_dir/last.pt`` if present.
 
-    ``callbacks`` receive each logged record (a dict: step, losses, lr, samples/s, ...).
-    ``dataset`` overrides the manifest of ``cfg.data`` (an ``AVDataset`` in training mode).
+    ``callbacks`` receive each logged record (a dict: step, losses, lr, samples/s, ...; with
+    ``train.eval_every`` the evaluation metrics as "eval/<metric>").
+    ``dataset`` overrides the manifest of ``cfg.data`` (an ``AVDataset`` in training mode),
+    ``eval_dataset`` its test manifest (evaluation mode) for ``train.eval_every``.
     """
     cfg.validate()
     started_dist = _init_distributed()
     try:
-        run = setup_run(cfg, out_dir, resume, dataset)
+        run = setup_run(cfg, out_dir, resume, dataset, eval_dataset)
         with RunLog(run, callbacks) as log:
             train_steps(run, log)
         return TrainResult(run.out_dir, run.last if dist.is_main() else None, log.history)
@@ -208,9 +210,10 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
             torch_dist.destroy_process_group()
 
 
-def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=None) -> Run:
-    """Device, data, models, optimiser and run folder; restores ``out_dir/last.pt`` when resuming."""
+def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=None, eval_dataset=None) -> Run:
+    """Device, data, models, optimiser, run folder and evaluations; restores ``out_dir/last.pt`` when resuming."""
     from .dataset import AVDataset, train_loader
+    from .periodic_eval import periodic_eval_for
 
     device = resolve_device(cfg)
     if device.type == "cuda":
@@ -233,13 +236,14 @@ def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=Non
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     data = dataset or _rank0_first(lambda: AVDataset(cfg.data.train_manifest, cfg, train=True))
+    evaluator = _rank0_first(lambda: periodic_eval_for(cfg, out_dir, device, eval_dataset, start_step > 0))
     loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
-    return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history)
+    return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history, evaluator)
 
 
 def train_steps(run: Run, log: "RunLog") -> None:
-    """The loop: one ``train_step`` per batch, records to ``log``, checkpoints every
-    ``train.checkpoint_every`` steps and at the end."""
+    """The loop: one ``train_step`` per batch, records to ``log``, evaluations every
+    ``train.eval_every`` steps, checkpoints every ``train.checkpoint_every`` steps and at the end."""
     cfg, device = run.cfg, run.device
     autocast = autocast_for(cfg, device)
     step = run.start_step
@@ -249,12 +253,14 @@ def train_steps(run: Run, log: "RunLog") -> None:
             frames = batch["frames"].to(device, non_blocking=True)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
+            evaluating = run.evaluator is not None and run.evaluator.due(step + 1)
             record = train_step(run.model, run.teacher, run.optimizer, fbank, frames, step,
                                 generator=mask_generator(cfg, step, device), student=run.student,
-                                autocast=autocast, log=log.due(step + 1),
+                                autocast=autocast, log=log.due(step + 1) or evaluating,
                                 batch_slice=BatchSlice(dist.rank() * fbank.shape[0], cfg.train.batch_size))
             step += 1
-            log.step_done(step, record, fbank.shape[0] * dist.world_size())
+            figures = _evaluate(run, log, step, record) if evaluating else {}
+            log.step_done(step, record, fbank.shape[0] * dist.world_size(), figures)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_run(run, step, log.history)
     except NonFiniteLossError as err:
@@ -262,19 +268,31 @@ def train_steps(run: Run, log: "RunLog") -> None:
         raise NonFiniteLossError(f"{err}{good}") from None
 
 
-class RunLog:
-    """The run's records: metrics.jsonl (rank 0), the progress bar, callbacks, the collapse warning.
+def _evaluate(run: Run, log: "RunLog", step: int, record: dict[str, float]) -> dict[str, Any]:
+    """The evaluation after ``step``: its metrics join ``record``, best.pt is kept (rank 0;
+    the other ranks wait), the fixed sample's masked views become a figure for the loggers.
+    Its time does not count as training time (samples/s)."""
+    with log.paused():
+        views = run.evaluator.masked_views(run, step)  # on every rank: the step's InfoNCE gathers across ranks
+        figures = {}
+        if dist.is_main():
+            record.update(run.evaluator.evaluate(run, step))
+            if log.wants_figures:
+                figures["masked_views"] = run.evaluator.figure(views)
+        if dist.is_distributed():
+            torch_dist.barrier()
+    return figures
 
-    A resumed run's file is rewritten with the restored history first, so records logged
-    after the checkpoint it resumes from are dropped, not duplicated.
-    """
+
+class RunLog:
+    """The run's records: the loggers of ``train.log_to`` (``tracking``: metrics.jsonl,
+    TensorBoard, W&B; rank 0), the progress bar, callbacks, the collapse warning."""
 
     def __init__(self, run: Run, callbacks: Iterable[Callable[[dict], Any]] = ()):
         self.cfg, self.callbacks, self.history = run.cfg, list(callbacks), run.history
-        self.file = None
-        if dist.is_main():
-            self.file = open(run.out_dir / "metrics.jsonl", "w")
-            self.file.writelines(json.dumps(r) + "\n" for r in self.history)
+        self.loggers = (tracking.open_loggers(run.cfg, run.out_dir, self.history, run.start_step)
+                        if dist.is_main() else [])
+        self.wants_figures = any(name in run.cfg.train.log_to for name in ("tensorboard", "wandb"))
         self.bar = tqdm(total=self.cfg.train.steps, initial=run.start_step, unit="step",
                         desc=f"{self.cfg.method} {self.cfg.preset_name}", disable=not dist.is_main())
         self.window_start, self.window_samples, self.collapse_warned = time.perf_counter(), 0, False
@@ -283,7 +301,7 @@ class RunLog:
         """Whether the step that ends at ``step`` is logged."""
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
 
-    def step_done(self, step: int, record: dict[str, float], samples: int) -> None:
+    def step_done(self, step: int, record: dict[str, float], samples: int, figures: dict[str, Any] | None = None) -> None:
         self.window_samples += samples
         self.bar.update(1)
         if not record:
@@ -296,19 +314,34 @@ class RunLog:
         self.history.append(record)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", con=f"{record['contrastive']:.3f}",
                              sps=f"{record['samples_per_s']:.0f}")
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        for logger in self.loggers:
+            logger.log(record)
+        if figures:
+            import matplotlib.pyplot as plt  # figures come from viz, which imported it
+
+            for name, figure in figures.items():
+                for logger in self.loggers:
+                    logger.log_figure(name, figure, step)
+                plt.close(figure)  # the loggers keep their own copies (images)
         for callback in self.callbacks:
             callback(record)
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside is left out of the samples/s window (evaluations)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - start
 
     def __enter__(self) -> "RunLog":
         return self
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
-        if self.file:
-            self.file.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 def resolve_data(cfg: Config) -> Config:

@@ -258,23 +258,34 @@ def patches_figure(pairs, i: int, patch: int) -> Figure:
     return fig
 
 
-def masked_views_figure(pairs, i: int, masks: dict, priority: tuple, ratios: tuple, patch: int) -> Figure:
+def masked_views_figure(pairs, i: int, masks: dict, priority: tuple | None, ratios: tuple, patch: int,
+                        selection: str = "guided") -> Figure:
     """Pair ``i``'s two TG-DP views: the teacher's priority, the reconstruction view (random)
     and the contrastive view (the teacher's top-k); removed tokens grey, relevant ones cyan.
 
     masks: ``StepOutput.masks`` ("rec_a", "rec_v", "con_a", "con_v", each (B, N)); priority:
-    the teacher's (audio (B, Na), visual (B, Nv)); ratios: (reconstruction, contrastive).
+    the teacher's (audio (B, Na), visual (B, Nv)); ratios: (reconstruction, contrastive);
+    selection: how the contrastive view chose its tokens. Without a teacher (priority None) or
+    a contrastive view (single-pass methods) those columns are left out; without ground truth
+    (``pairs.visual_relevant`` None) nothing is outlined.
     """
     rec, con = ratios
-    fig, axes = plt.subplots(2, 3, figsize=(8, 4.2), gridspec_kw={"height_ratios": (1.6, 1)})
-    titles = ("teacher priority (full view)", f"reconstruction view:\nrandom, {rec:.0%} removed",
-              f"contrastive view:\nteacher's top-k, {con:.0%} removed")
-    audio = (dict(heat=priority[0][i]), dict(removed=masks["rec_a"][i]), dict(removed=masks["con_a"][i]))
-    visual = (dict(heat=priority[1][i]), dict(removed=masks["rec_v"][i]), dict(removed=masks["con_v"][i]))
-    for col, title in enumerate(titles):
-        show_frame(axes[0, col], pairs.images[i], patch, title, outline=pairs.visual_relevant[i], **visual[col])
-        show_spectrogram(axes[1, col], pairs.fbank[i], patch, "", pairs.start_s[i],
-                         outline=pairs.audio_relevant[i], **audio[col])
+    chosen = {"guided": "teacher's top-k", "probabilistic": "sampled by priority"}.get(selection, selection)
+    columns = []  # (title, audio layers, visual layers)
+    if priority is not None:
+        columns.append(("teacher priority (full view)", dict(heat=priority[0][i]), dict(heat=priority[1][i])))
+    columns.append((f"reconstruction view:\nrandom, {rec:.0%} removed", dict(removed=masks["rec_a"][i]),
+                    dict(removed=masks["rec_v"][i])))
+    if "con_a" in masks:
+        columns.append((f"contrastive view:\n{chosen}, {con:.0%} removed", dict(removed=masks["con_a"][i]),
+                        dict(removed=masks["con_v"][i])))
+    outline_v = None if pairs.visual_relevant is None else pairs.visual_relevant[i]
+    outline_a = None if pairs.audio_relevant is None else pairs.audio_relevant[i]
+    fig, axes = plt.subplots(2, len(columns), figsize=(8 * len(columns) / 3, 4.2), squeeze=False,
+                             gridspec_kw={"height_ratios": (1.6, 1)})
+    for col, (title, audio, visual) in enumerate(columns):
+        show_frame(axes[0, col], pairs.images[i], patch, title, outline=outline_v, **visual)
+        show_spectrogram(axes[1, col], pairs.fbank[i], patch, "", pairs.start_s[i], outline=outline_a, **audio)
     fig.tight_layout()
     return fig
 

@@ -105,6 +105,39 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
             json.dump(metrics, f, indent=2)
 
 
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Weights without pickle: OUT/model.safetensors and OUT/config.json."""
+    _no_overrides(overrides)
+    from .export import WEIGHTS, export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, teacher=args.teacher)
+    size = (out / WEIGHTS).stat().st_size
+    print(f"{out / WEIGHTS} ({size / 1e6:.1f} MB, {'EMA teacher' if args.teacher else 'student'} encoder) "
+          f"and {out / 'config.json'}; load with tgdp_core.load_model({str(out)!r})")
+
+
+def cmd_probe(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Attention / linear / kNN probes of a checkpoint's frozen features: a table and JSON."""
+    import json
+
+    from .evaluate import markdown_table
+    from .probe import run_probes
+
+    _no_overrides(overrides)
+    options = {"knn": {"k": args.k, "temperature": args.temperature}}
+    for kind in ("attention", "linear"):
+        options[kind] = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
+    result = run_probes(args.checkpoint, args.train, args.test, args.kind, args.features, label_csv=args.labels,
+                        cache_dir=args.cache_dir, cache=not args.no_cache, batch_size=args.batch,
+                        device=args.device, options=options)
+    print(f"{result['task']}: {result['train clips']} train / {result['test clips']} test clips, "
+          f"frozen features of {args.checkpoint}")
+    print(markdown_table(result["rows"]))
+    if args.out:
+        result.update(checkpoint=str(args.checkpoint), train=str(args.train), test=str(args.test))
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> None:
     """Tiny TG-DP vs the single-pass baseline on AV-Digits: one table, checkpoints, plots."""
     _no_overrides(overrides)
@@ -131,6 +164,36 @@ def cmd_ablate(args: argparse.Namespace, overrides: list[str]) -> None:
     print((Path(args.out) / "ablation.md").read_text())
 
 
+def _add_export_and_probe(sub) -> None:
+    p = sub.add_parser("export", help="a checkpoint's weights as OUT/model.safetensors + OUT/config.json (no pickle)")
+    p.add_argument("checkpoint", help="a tgdp checkpoint (last.pt, best.pt), an official state dict or an export")
+    p.add_argument("out", help="folder to write (created); load_model reads it")
+    p.add_argument("--teacher", action="store_true",
+                   help="the EMA teacher's encoder in place of the student's (the decoder stays the student's)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("probe", help="attention / linear / kNN probes on a checkpoint's frozen features")
+    p.add_argument("checkpoint", help="a tgdp checkpoint, an export folder or an official state dict")
+    p.add_argument("train", help="manifest of the clips the probe is fitted on")
+    p.add_argument("test", help="manifest of the clips it is scored on")
+    p.add_argument("--kind", nargs="+", default=["attention"], choices=["attention", "linear", "knn"],
+                   help="one or more probes (default: attention)")
+    p.add_argument("--features", nargs="+", default=["both"], choices=["audio", "visual", "both"],
+                   help="which embeddings the probe reads (default: both)")
+    p.add_argument("--labels", help="label CSV (index,mid,display_name); default: data.label_csv or labels.csv "
+                   "beside the train manifest")
+    p.add_argument("--epochs", type=int, help="attention / linear probe epochs (default: 30 / 100)")
+    p.add_argument("--lr", type=float, help="attention / linear probe learning rate (default: 1e-3)")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours (default: 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default: 0.07, DINO)")
+    p.add_argument("--batch", type=int, default=16, help="clips per batch when embedding")
+    p.add_argument("--cache-dir", help="where frozen features are cached (default: .tgdp_cache/probe_features "
+                   "beside each manifest)")
+    p.add_argument("--no-cache", action="store_true", help="embed again, do not read or write the feature cache")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_probe)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tgdp_core", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_eval)
+    _add_export_and_probe(sub)
     p = sub.add_parser("quickstart", help="tiny TG-DP vs CAV-MAE Sync on the built-in benchmark (about 10 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart); finished runs are reused")
     p.add_argument("--steps", type=int, help="training steps per method (default: the tiny preset's)")

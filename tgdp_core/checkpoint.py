@@ -96,23 +96,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, cfg: Config | None = None, map_location: str | torch.device = "cpu") -> TGDPModel:
-    """A model from a tgdp checkpoint or an official CAV-MAE Sync / TG-DP state dict.
+    """A model from a tgdp checkpoint, an export (a folder with model.safetensors and
+    config.json, ``export.py``) or an official CAV-MAE Sync / TG-DP state dict.
 
     Official weights: the architecture is read off the tensor shapes (the ``base`` preset for
     the released checkpoints); pass ``cfg`` for other sizes, whose head counts shapes cannot tell.
     Loading is strict: missing or unexpected keys raise with their names.
     """
-    data = read_checkpoint(path)
+    from .export import is_export, load_export
+
+    if is_export(path):
+        return load_export(path, cfg).to(map_location).eval()
+    return model_from_checkpoint(read_checkpoint(path), cfg, str(path)).to(map_location).eval()
+
+
+def model_from_checkpoint(data: dict[str, Any], cfg: Config | None = None, path: str = "checkpoint") -> TGDPModel:
+    """``load_model`` on a checkpoint already read (``read_checkpoint``)."""
     if data.get("format") == FORMAT:
         cfg = cfg or Config.from_dict(data["config"])
         state = data["model"]
     else:
         official = unwrap_official(data)
-        cfg = cfg or config_from_official(official, where=str(path))
+        cfg = cfg or config_from_official(official, where=path)
         state = convert_official_state_dict(official)
     model = TGDPModel(cfg)
-    load_state_strict(model, state, where=str(path))
-    return model.to(map_location).eval()
+    load_state_strict(model, state, where=path)
+    return model
 
 
 def load_teacher_encoder(path: str | Path, model: TGDPModel | None = None,
@@ -123,7 +132,17 @@ def load_teacher_encoder(path: str | Path, model: TGDPModel | None = None,
     ``model``: the student already loaded from ``path`` (its architecture is reused); by default
     the checkpoint's config builds one.
     """
-    data = read_checkpoint(path)
+    from .export import is_export
+
+    if is_export(path):  # an export holds one encoder, which load_model loads
+        return None
+    encoder = teacher_encoder_from(read_checkpoint(path), model, str(path))
+    return encoder.to(map_location) if encoder is not None else None
+
+
+def teacher_encoder_from(data: dict[str, Any], model: TGDPModel | None = None,
+                         path: str = "checkpoint") -> AVEncoder | None:
+    """``load_teacher_encoder`` on a checkpoint already read (``read_checkpoint``)."""
     if data.get("format") != FORMAT or not data.get("teacher"):
         return None
     from .teacher import EMATeacher
@@ -131,7 +150,7 @@ def load_teacher_encoder(path: str | Path, model: TGDPModel | None = None,
     student = model if model is not None else TGDPModel(Config.from_dict(data["config"]))
     teacher = EMATeacher(student.encoder)
     load_state_strict(teacher, data["teacher"], f"{path} (teacher)")
-    return teacher.encoder.to(map_location)
+    return teacher.encoder
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str = "state dict") -> None:

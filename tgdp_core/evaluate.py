@@ -7,6 +7,7 @@ Everything here works on tensors, so the same functions serve the CLI, notebooks
     retrieval_metrics(audio_emb, visual_emb, labels)   # both directions, ranks, class precision
     linear_probe(train_x, train_y, test_x, test_y, multilabel=True)      # {"mAP": ..}
     attention_probe(train_x, train_y, test_x, test_y, multilabel=False)  # {"top1": ..}
+    knn_probe(train_x, train_y, test_x, test_y, multilabel=True)         # {"mAP": ..}, k = 20
     print(markdown_table({"sync": sync_metrics, "tgdp": tgdp_metrics}))
 
 Protocols follow docs/method.md ("Evaluation"). Every metric is reported in percent except
@@ -357,6 +358,34 @@ def attention_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.
     head = _seeded(seed, lambda: _AttentionHead(dim, classes, heads))
     return _fit_and_score(head, train_x, train_y, test_x, test_y, multilabel, epochs, lr, weight_decay,
                           batch_size, seed)
+
+
+def knn_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+              multilabel: bool, k: int = 20, temperature: float = 0.07, batch_size: int = 1024) -> dict[str, float]:
+    """Weighted k-nearest-neighbour vote on frozen pooled features x (N, D), as DINO evaluates.
+
+    Cosine similarity (features L2-normalised here); each test clip's k most similar training
+    clips vote for their labels with weight exp(similarity / temperature); the summed votes are
+    the class scores. multilabel: y (N, C) multi-hot, votes are the neighbours' multi-hot
+    rows, returns {"mAP": ..}; otherwise y (N,) class ids, returns {"top1": ..} (percent, as
+    ``linear_probe``). Nothing is trained, so nothing is random.
+    """
+    classes = _num_classes(train_x, train_y, test_x, test_y, multilabel, feature_ndim=2)
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"knn_probe needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    train = F.normalize(train_x.float(), dim=1)
+    votes = train_y.float() if multilabel else F.one_hot(train_y.long(), classes).float()  # (Ntr, C)
+    votes = votes.to(train.device)
+    k = min(k, train.shape[0])
+    scores = []
+    for chunk in F.normalize(test_x.float(), dim=1).split(batch_size):
+        sim, idx = (chunk @ train.T).topk(k, dim=1)  # (b, k) nearest training clips
+        weight = (sim / temperature).exp()  # (b, k)
+        scores.append((weight.unsqueeze(-1) * votes[idx]).sum(1).cpu())  # (b, C)
+    scores = torch.cat(scores)
+    if multilabel:
+        return {"mAP": mean_average_precision(test_y.cpu(), scores)}
+    return {"top1": top1_accuracy(test_y.cpu(), scores)}
 
 
 # ---------------------------------------------------------------------------- result tables

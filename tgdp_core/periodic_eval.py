@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Subset
 
 from . import checkpoint as ckpt
-from . import media
+from . import formats
 from .config import Config
 from .dataset import segment_bounds
 from .evaluate import evaluate_model
@@ -171,8 +171,8 @@ def _fixed_sample(dataset, cfg: Config) -> dict[str, Any]:
     item = dataset[0]
     k = d.frames_per_clip // 2
     fbank, frames = item["fbank"][k:k + 1].float(), item["frames"][k:k + 1].float()
-    mean = torch.tensor(media.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(media.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(formats.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(formats.IMAGENET_STD).view(3, 1, 1)
     image = ((frames[0] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    start = segment_bounds(k, d.frames_per_clip, d.clip_frames, m.audio_frames)[0] * media.FRAME_SHIFT_MS / 1000
+    start = segment_bounds(k, d.frames_per_clip, d.clip_frames, m.audio_frames)[0] * formats.FRAME_SHIFT_MS / 1000
     return dict(inputs=(fbank, frames), image=image, frame=k, start_s=start)

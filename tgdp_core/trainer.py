@@ -62,11 +62,13 @@ def lr_at(step: int, cfg: Config) -> float:
 
 def contrastive_ratio_at(step: int, cfg: Config) -> float:
     """The contrastive view's mask ratio at ``step``: linear from 0 to ``contrastive_mask_ratio``
-    over ``contrastive_mask_warmup_steps``, then constant (the whole run when the warm-up is 0)."""
+    over the first ``contrastive_mask_warmup_fraction`` of the run, then constant (the whole
+    run when the warm-up is 0)."""
     o = cfg.objective
-    if step >= o.contrastive_mask_warmup_steps:
+    ramp = cfg.steps_of(o.contrastive_mask_warmup_fraction)
+    if step >= ramp:
         return o.contrastive_mask_ratio
-    return o.contrastive_mask_ratio * step / o.contrastive_mask_warmup_steps
+    return o.contrastive_mask_ratio * step / ramp
 
 
 def resolve_device(cfg: Config) -> torch.device:

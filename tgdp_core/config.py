@@ -161,6 +161,12 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # the newest k step checkpoints are kept, besides last.pt
     seed: int = 0
+    # Weights loaded into the model before step 0 (checkpoint.load_pretrained): a tgdp
+    # checkpoint or exported weights, an official CAV-MAE / Sync / TG-DP state dict, or
+    # ImageNet MAE ViT weights (CAV-MAE's start); the optimiser and step start fresh and the
+    # teacher is a copy of the loaded student. A resumed run (out_dir/last.pt) keeps its own
+    # weights. "" = the random initialisation (CAV-MAE's: xavier linears, N(0, 0.02) tokens).
+    init_from: str = ""
 
 
 @dataclass

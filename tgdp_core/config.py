@@ -89,7 +89,7 @@ class ObjectiveConfig:
     rec_weight: float = 1.0  # l1, weight of the reconstruction loss (CAV-MAE recipe)
     # l2, weight of the distillation term; the paper leaves it open. The term is an element
     # mean, MSE over the D feature dimensions (summed over the two modalities): the paper's
-    # ||g - g_teacher||^2 divided by D, so l2 here is the paper's l2 times D (768 at base).
+    # ||g - g_teacher||^2 divided by D, so a weight w here is w / D in the paper's form (D = 768 at base).
     # 0 switches the teacher's full-view targets off (the "without distillation" ablation).
     distill_weight: float = 1.0
     contrastive_weight: float = 0.01  # l3, weight of InfoNCE (CAV-MAE recipe)

@@ -37,11 +37,11 @@ def counted_step_flops(cfg, batch=2, step=0):
 
 @pytest.mark.parametrize("method,overrides", [
     ("tgdp", {}),  # step 0: the curriculum's full contrastive view
-    ("tgdp", {"objective.contrastive_mask_warmup_steps": 0}),  # the masked view from the start
+    ("tgdp", {"objective.contrastive_mask_warmup_fraction": 0.0}),  # the masked view from the start
     ("sync", {}),
     ("cavmae", {}),
     ("tgdp", {"objective.score_direction": "global_to_patch"}),
-    ("tgdp", {"teacher.guidance_warmup_steps": 5}),  # teacher without priority during the warm-up
+    ("tgdp", {"teacher.guidance_warmup_fraction": 0.1}),  # teacher without priority during the warm-up
     ("tgdp", {"objective.selection": "random", "objective.distill_weight": 0.0}),  # no teacher at all
 ])
 def test_analytic_flops_match_the_flop_counter_on_a_real_step(method, overrides):

@@ -20,6 +20,24 @@ def test_preset_name_is_recorded_and_old_configs_still_load():
     assert tg.Config.from_dict(old) == cfg
 
 
+def test_configs_with_warm_up_step_counts_still_load_with_the_same_schedule():
+    from tgdp_core.teacher import guidance_active
+    from tgdp_core.trainer import contrastive_ratio_at
+
+    new = tg.Config.preset("tiny")
+    old = new.to_dict()  # tiny as saved before issue 12: step counts 250 of 400
+    del old["objective"]["contrastive_mask_warmup_fraction"], old["teacher"]["guidance_warmup_fraction"]
+    old["objective"]["contrastive_mask_warmup_steps"] = old["teacher"]["guidance_warmup_steps"] = 250
+    assert tg.Config.from_dict(old) == new
+    for step in range(400):  # the old rules, step for step
+        assert guidance_active(new, step) == (step >= 250)
+        assert contrastive_ratio_at(step, new) == (0.5 if step >= 250 else 0.5 * step / 250)
+    # a short run of the old tiny preset (warm-ups past its end) loads: guidance never starts
+    old["train"]["steps"] = 4
+    short = tg.Config.from_dict(old)
+    assert short.teacher.guidance_warmup_fraction == 1.0 and not any(guidance_active(short, s) for s in range(4))
+
+
 def test_overrides_by_keyword_section_and_dotted_name():
     cfg = tg.Config.preset("tiny", method="sync", model={"embed_dim": 192, "num_heads": 6},
                            **{"objective.temperature": 0.3, "train.betas": [0.9, 0.98]})
@@ -55,6 +73,8 @@ def test_cavmae_method_defaults_and_overrides():
     (lambda: tg.Config.preset("tiny", objective={"contrastive_mask_ratio": 1.0}), r"mask ratios must lie in \[0, 1\)"),
     (lambda: tg.Config.preset("tiny", model={"global_token": False}), "needs model.global_token=True"),
     (lambda: tg.Config.preset("tiny").override("train.steps"), "section.field=value"),
+    (lambda: tg.Config.preset("tiny", teacher={"guidance_warmup_fraction": 250}),
+     r"teacher.guidance_warmup_fraction=250 is a share of train.steps: it must lie in \[0, 1\]"),
 ])
 def test_bad_configs_are_rejected_with_the_valid_names(call, message):
     with pytest.raises(ValueError, match=message):

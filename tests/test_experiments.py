@@ -35,8 +35,10 @@ def test_a_shorter_budget_keeps_each_warm_up_share_of_the_run():
     half = experiments.with_method(base, "sync", base.train.steps // 2)
     assert half.method == "sync" and half.train.steps == base.train.steps // 2
     assert half.train.warmup_steps == round(base.train.warmup_steps / 2)
-    assert half.objective.contrastive_mask_warmup_steps == round(base.objective.contrastive_mask_warmup_steps / 2)
-    assert half.teacher.guidance_warmup_steps == round(base.teacher.guidance_warmup_steps / 2)
+    # the curriculum and the guidance warm-up are shares of the run: tiny's step 250 of 400 is step 125 of 200
+    assert half.objective.contrastive_mask_warmup_fraction == base.objective.contrastive_mask_warmup_fraction
+    assert half.teacher.guidance_warmup_fraction == base.teacher.guidance_warmup_fraction
+    assert half.steps_of(half.teacher.guidance_warmup_fraction) == 125
     same = experiments.with_method(base, "tgdp", base.train.steps)
     assert same.to_dict() == base.to_dict()
 

@@ -90,3 +90,17 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-5
     assert T.lr_at(55, cfg) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_warm_ups_are_shares_of_the_run():
+    from tgdp_core.teacher import guidance_active
+
+    cfg = tg.Config.preset("tiny")  # 62.5 % of 400 steps: step 250, as the recipe was measured
+    assert [guidance_active(cfg, s) for s in (0, 249, 250, 399)] == [False, False, True, True]
+    assert [T.contrastive_ratio_at(s, cfg) for s in (0, 125, 249, 250, 399)] == [0.0, 0.25, 0.5 * 249 / 250, 0.5, 0.5]
+    longer = tg.Config.preset("tiny", train={"steps": 4000})  # the same recipe over a 10x longer run
+    assert not guidance_active(longer, 2499) and guidance_active(longer, 2500)
+    assert T.contrastive_ratio_at(1250, longer) == 0.25
+    base = tg.Config.preset("base", train={"steps": 100_000})  # base: guidance after 10 %, no curriculum
+    assert not guidance_active(base, 9_999) and guidance_active(base, 10_000)
+    assert T.contrastive_ratio_at(0, base) == 0.5

@@ -127,7 +127,7 @@ def _sync(device: str) -> None:
 def steady_step(cfg: Config) -> int:
     """The first step after the guidance warm-up and the contrastive curriculum: the bench times
     steps from here on, the cost of most of a run (a fresh model costs the same at any step)."""
-    return max(cfg.teacher.guidance_warmup_steps, cfg.objective.contrastive_mask_warmup_steps)
+    return cfg.steps_of(max(cfg.teacher.guidance_warmup_fraction, cfg.objective.contrastive_mask_warmup_fraction))
 
 
 def measure_training(cfg_dict: dict, batch: int, steps: int, warmup: int) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, strict loads, and conversion of official CAV-MAE Sync / TG-DP weights.
+"""Checkpoints: atomic writes, strict loads, conversion of official CAV-MAE Sync / TG-DP weights,
+and pretrained starts (``load_pretrained``: tgdp, official or ImageNet MAE weights before step 0).
 
 A tgdp checkpoint is a plain dict (loadable with ``weights_only=True``):
     {"format": "tgdp", "config": Config.to_dict(), "model": state_dict, ...training state}
@@ -7,10 +8,13 @@ DataParallel (every key prefixed ``module.``).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -170,14 +174,20 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
 
 
 # ---------------------------------------------------------------------- official weights
-def unwrap_official(data: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The bare state dict: unwrap a {"state_dict"/"model": ...} container, strip ``module.``."""
+def bare_state_dict(data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict: unwrap a {"state_dict"/"model": ...} container, strip ``module.``."""
     for key in ("state_dict", "model"):
         if key in data and isinstance(data[key], dict):
             data = data[key]
     state = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def unwrap_official(data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The bare official state dict (``bare_state_dict``), checked to be one."""
+    state = bare_state_dict(data)
     if "blocks_u.0.attn.qkv.weight" not in state:
         raise CheckpointError("not a tgdp checkpoint nor an official CAV-MAE Sync / TG-DP state dict "
                               "(no 'format' entry and no 'blocks_u.0.attn.qkv.weight' key)")
@@ -186,29 +196,33 @@ def unwrap_official(data: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def convert_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official key names -> tgdp names. Unknown keys raise; only the unused norms are dropped."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
+    return {name: value for name, (_, value) in _official_pairs(state)[0].items()}
+
+
+def _official_pairs(state: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[str, torch.Tensor]], dict[str, str]]:
+    """Official names -> ({tgdp name: (official name, tensor)}, {dropped official name: why})."""
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    dropped, unknown = {}, []
     for key, value in state.items():
         if _UNUSED_OFFICIAL.match(key):
+            dropped[key] = "a LayerNorm the official Block creates but never uses"
             continue
         if key == "register_tokens":  # one (2R, D) table: rows [0, R) audio, [R, 2R) visual
             half = value.shape[0] // 2
-            out["encoder.registers_a"] = value[:half].unsqueeze(0)
-            out["encoder.registers_v"] = value[half:].unsqueeze(0)
+            out["encoder.registers_a"] = (key, value[:half].unsqueeze(0))
+            out["encoder.registers_v"] = (key, value[half:].unsqueeze(0))
             continue
         for pattern, repl in _RENAMES:
             if re.match(pattern, key):
                 new = re.sub(pattern, repl, key)
-                if new.startswith("encoder.global_"):
-                    value = value.reshape(1, 1, -1)
-                out[new] = value
+                out[new] = (key, value.reshape(1, 1, -1) if new.startswith("encoder.global_") else value)
                 break
         else:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"official state dict has keys tgdp cannot map ({len(unknown)}): "
                               + ", ".join(sorted(unknown)[:20]) + " (contrastive heads or more than one joint block?)")
-    return out
+    return out, dropped
 
 
 def config_from_official(state: dict[str, torch.Tensor], where: str = "checkpoint") -> Config:
@@ -236,3 +250,240 @@ def config_from_official(state: dict[str, torch.Tensor], where: str = "checkpoin
                               "with the checkpoint's sizes")
     method = "tgdp" if model["global_token"] else "cavmae"
     return Config.preset("base", method=method, model=model)
+
+
+# ---------------------------------------------------------------------- pretrained starts
+_POSITION_TABLES = ("encoder.pos_embed_a", "encoder.pos_embed_v", "decoder.pos_embed_a", "decoder.pos_embed_v")
+_FIXED_TABLE = "a fixed sin-cos position table: the model builds its own for its grid"
+# Tensors of CAV-MAE's IN-initial.pth no model class uses (its adaptation script adds them).
+_OFFICIAL_EXTRA = {"cls_token_av": "CAV-MAE's audio-visual CLS token, which no model class uses"}
+
+
+@dataclass
+class PretrainedReport:
+    """What ``load_pretrained`` did. Every model tensor is in ``loaded`` or ``fresh``; every
+    source tensor fed ``loaded`` or is in ``dropped`` with the reason."""
+
+    path: str
+    source: str  # "tgdp", "official" (CAV-MAE / CAV-MAE Sync / TG-DP) or "mae" (ImageNet MAE ViT)
+    loaded: dict[str, str] = field(default_factory=dict)  # model tensor -> the source tensor it came from
+    fresh: list[str] = field(default_factory=list)  # model tensors left as build_model made them
+    dropped: dict[str, str] = field(default_factory=dict)  # source tensor -> why it is not used
+
+    def summary(self) -> str:
+        """A few lines for the run log: counts per module, what starts fresh, what was dropped."""
+        lines = [f"init_from {self.path} ({self.source} weights; model only: optimiser, teacher and step start fresh)",
+                 f"  loaded {len(self.loaded)} tensors: {_grouped(self.loaded)}"]
+        if self.fresh:
+            lines.append(f"  fresh {len(self.fresh)}: {_grouped(self.fresh)}")
+        if self.dropped:
+            lines.append(f"  dropped {len(self.dropped)}: " + "; ".join(
+                f"{_grouped(names)} ({why})" for why, names in _by_reason(self.dropped).items()))
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def load_pretrained(model: TGDPModel, path: str | Path) -> PretrainedReport:
+    """Load weights into ``model`` before training (``train.init_from``); returns what went where.
+
+    Sources, told apart by their keys:
+      - a tgdp checkpoint (its ``model``; optimiser, teacher and step are ignored), or exported
+        weights: a ``.safetensors`` file, or a folder with ``model.safetensors`` (and ``config.json``);
+      - an official CAV-MAE / CAV-MAE Sync / TG-DP state dict, with or without ``module.``,
+        converted as ``load_model`` does (CAV-MAE's ``IN-initial.pth`` too);
+      - ImageNet MAE ViT weights in the MAE release's names (timm's ``vit_base_patch16_224.mae``
+        uses the same), mapped as CAV-MAE's ``src/adapt_vmae_weights.py`` built ``IN-initial.pth``:
+
+        ====================================  ===============================================
+        MAE                                   tgdp
+        ====================================  ===============================================
+        patch_embed.proj.weight (D, 3, p, p)  encoder.patch_embed_v.proj.weight (a copy) and
+                                              encoder.patch_embed_a.proj.weight = its sum over
+                                              the 3 RGB input channels, (D, 1, p, p): a grey
+                                              image gives the RGB kernel's response
+        patch_embed.proj.bias                 both patch embeddings' biases
+        cls_token                             encoder.global_a and encoder.global_v
+        blocks.i.*, i < specific_depth        encoder.blocks_a.i.* and encoder.blocks_v.i.*
+        blocks.{specific_depth}.*             encoder.joint.*; its norm1 / norm2 also into the
+                                              joint block's audio and visual pairs (norm1_a, ...)
+        norm.*                                encoder.norm, encoder.norm_a and encoder.norm_v
+        pos_embed                             dropped: tgdp keeps its fixed sin-cos tables (MAE's
+                                              are sin-cos too, with a CLS row)
+        decoder_embed, mask_token,            decoder.embed, decoder.mask_token,
+        decoder_blocks.i.*, decoder_norm      decoder.blocks.i.*, decoder.norm (full MAE
+                                              checkpoints only; CAV-MAE maps them the same way)
+        decoder_pred (p*p*3 outputs)          decoder.pred_v, and its first p*p rows into
+                                              decoder.pred_a (as CAV-MAE does)
+        decoder_pos_embed                     dropped (fixed sin-cos, as pos_embed)
+        ====================================  ===============================================
+
+        Modality embeddings and registers (and the decoder, for encoder-only weights) start fresh.
+
+    Position tables are never taken from a source: they are fixed functions of the patch grid.
+    A source tensor with no place in the model, or of another shape than its place, is an error
+    naming them; the model is left untouched then. The teacher is built afterwards from the
+    loaded student (``trainer.setup_run``).
+    """
+    state, source, saved_model = _read_pretrained(Path(path))
+    if saved_model:
+        _check_heads(saved_model, model.cfg, str(path))
+    if source == "tgdp":
+        pairs, dropped = {k: (k, v) for k, v in state.items()}, {}
+    elif source == "official":
+        extra = {k: why for k, why in _OFFICIAL_EXTRA.items() if k in state}
+        pairs, dropped = _official_pairs({k: v for k, v in state.items() if k not in extra})
+        dropped.update(extra)
+    else:
+        pairs, dropped = _mae_pairs(state, model.cfg)
+    for name in _POSITION_TABLES:
+        if name in pairs:
+            dropped[pairs.pop(name)[0]] = _FIXED_TABLE
+    report = PretrainedReport(str(path), source, dropped=dropped)
+    _copy_into(model, pairs, report)
+    return report
+
+
+def _read_pretrained(path: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
+    """(tensors in the source's own names, source kind, the source's model config or None)."""
+    saved = None
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"{path}: a weights folder holds model.safetensors (and config.json); found neither")
+        if (path / "config.json").is_file():
+            saved = json.loads((path / "config.json").read_text()).get("model")
+        state = _read_safetensors(path / "model.safetensors")
+    elif path.suffix == ".safetensors":
+        state = _read_safetensors(path)
+    else:
+        data = read_checkpoint(path)
+        if data.get("format") == FORMAT:
+            return data["model"], "tgdp", data["config"]["model"]
+        state = bare_state_dict(data)
+    if any(k.startswith(("encoder.", "decoder.")) for k in state):
+        return state, "tgdp", saved
+    if "blocks_u.0.attn.qkv.weight" in state:
+        return state, "official", saved
+    if "patch_embed.proj.weight" in state:
+        return state, "mae", saved
+    raise CheckpointError(f"{path}: not tgdp, official CAV-MAE / Sync / TG-DP or MAE ViT weights (no 'encoder.*', "
+                          "'blocks_u.0.attn.qkv.weight' or 'patch_embed.proj.weight' key)")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from err
+    try:
+        return load_file(path)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({err})") from err
+
+
+def _check_heads(saved: dict, cfg: Config, where: str) -> None:
+    """Head counts are the one architecture fact shapes cannot tell: compare them."""
+    for name in ("num_heads", "decoder_heads"):
+        if name in saved and saved[name] != getattr(cfg.model, name):
+            raise CheckpointError(f"{where} was saved with model.{name}={saved[name]}, the model has "
+                                  f"{getattr(cfg.model, name)}: build the model with the source's model config")
+
+
+def _mae_pairs(state: dict[str, torch.Tensor], cfg: Config) -> tuple[dict, dict[str, str]]:
+    """MAE names -> ({tgdp name: (MAE name, tensor)}, {dropped MAE name: why}); see load_pretrained."""
+    S, p = cfg.model.specific_depth, cfg.model.patch_size
+    pairs: dict[str, tuple[str, torch.Tensor]] = {}
+    dropped, unknown = {}, []
+    for key, value in state.items():
+        targets = _mae_targets(key, value, S, p)
+        if targets is None:
+            unknown.append(key)
+        elif isinstance(targets, str):
+            dropped[key] = targets
+        for name, tensor in (targets.items() if isinstance(targets, dict) else ()):
+            pairs[name] = (key, tensor)
+    if not cfg.model.global_token and "cls_token" in state:
+        for name in ("encoder.global_a", "encoder.global_v"):
+            pairs.pop(name, None)
+        dropped["cls_token"] = "the model has no global token (method cavmae)"
+    extra = sorted({int(k.split(".")[1]) for k in unknown if re.match(r"^blocks\.\d+\.", k)})
+    others = sorted(k for k in unknown if not re.match(r"^blocks\.\d+\.", k))
+    problems = ([f"blocks {extra[0]}..{extra[-1]} (the model takes blocks 0..{S}: specific_depth={S} "
+                 "modality-specific blocks, then the joint block)"] if extra else [])
+    if others:
+        problems.append(", ".join(others[:20]) + " (classifier heads have no place in a pretraining model)")
+    if problems:
+        raise CheckpointError("MAE weights have tensors tgdp cannot place: " + "; ".join(problems))
+    return pairs, dropped
+
+
+def _mae_targets(key: str, value: torch.Tensor, S: int, p: int):
+    """One MAE tensor's places: {tgdp name: tensor}, a reason to drop it (str), or None (no place)."""
+    if key in ("pos_embed", "decoder_pos_embed"):
+        return _FIXED_TABLE
+    if key == "cls_token":
+        return {"encoder.global_a": value.reshape(1, 1, -1), "encoder.global_v": value.reshape(1, 1, -1)}
+    if key == "patch_embed.proj.weight":  # (D, 3, p, p); audio: the sum over RGB, as CAV-MAE
+        return {"encoder.patch_embed_v.proj.weight": value, "encoder.patch_embed_a.proj.weight": value.sum(1, keepdim=True)}
+    if key == "patch_embed.proj.bias":
+        return {"encoder.patch_embed_v.proj.bias": value, "encoder.patch_embed_a.proj.bias": value}
+    if key.startswith("norm."):
+        return {f"encoder.{n}.{key[5:]}": value for n in ("norm", "norm_a", "norm_v")}
+    block = re.match(r"^blocks\.(\d+)\.(.+)$", key)
+    if block:
+        i, rest = int(block[1]), block[2]
+        if i < S:
+            return {f"encoder.blocks_a.{i}.{rest}": value, f"encoder.blocks_v.{i}.{rest}": value}
+        if i > S:
+            return None
+        norm = re.match(r"^(norm[12])\.(weight|bias)$", rest)
+        names = [rest] + ([f"{norm[1]}_{m}.{norm[2]}" for m in "av"] if norm else [])
+        return {f"encoder.joint.{n}": value for n in names}
+    decoder = {"decoder_embed.weight": "decoder.embed.weight", "decoder_embed.bias": "decoder.embed.bias",
+               "mask_token": "decoder.mask_token", "decoder_norm.weight": "decoder.norm.weight",
+               "decoder_norm.bias": "decoder.norm.bias"}
+    if key in decoder:
+        return {decoder[key]: value}
+    if key.startswith("decoder_blocks."):
+        return {"decoder.blocks." + key[len("decoder_blocks."):]: value}
+    if key in ("decoder_pred.weight", "decoder_pred.bias"):  # (p*p*3, Dd): values in (row, col, channel) order
+        kind = key.split(".")[1]
+        return {f"decoder.pred_v.{kind}": value, f"decoder.pred_a.{kind}": value[: p * p]}
+    return None
+
+
+def _copy_into(model: torch.nn.Module, pairs: dict[str, tuple[str, torch.Tensor]], report: PretrainedReport) -> None:
+    """Check every pair against the model, then copy them all (nothing is copied on an error)."""
+    own = model.state_dict()
+    nowhere = sorted(f"{src} -> {name}" for name, (src, _) in pairs.items() if name not in own)
+    misshapen = sorted(f"{src} {tuple(v.shape)} -> {name} {tuple(own[name].shape)}"
+                       for name, (src, v) in pairs.items() if name in own and own[name].shape != v.shape)
+    if nowhere or misshapen or not pairs:
+        lines = [f"{report.path} does not fit the model ({report.source} weights):"]
+        for title, items in (("no such tensor in the model", nowhere), ("wrong shape", misshapen)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        if not pairs:
+            lines.append("  no tensor to load")
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        for name, (src, value) in pairs.items():
+            own[name].copy_(value)
+            report.loaded[name] = src
+    report.fresh = sorted(set(own) - set(pairs))
+
+
+def _grouped(names) -> str:
+    """'encoder.blocks_a (24), decoder (40)': names counted by their first two components."""
+    counts = Counter(".".join(n.split(".")[:2]) for n in names)
+    return ", ".join(f"{group} ({n})" if n > 1 else group for group, n in counts.items())
+
+
+def _by_reason(dropped: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, why in dropped.items():
+        out.setdefault(why, []).append(name)
+    return out

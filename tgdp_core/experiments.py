@@ -104,15 +104,13 @@ def write_csv(path: Path, rows: dict[str, dict[str, float]]) -> None:
 
 def with_method(base: Config, method: str, steps: int) -> Config:
     """``base`` (preset, data, recipe) switched to ``method`` with its own defaults, for ``steps``
-    steps; the warm-ups (learning rate, contrastive curriculum, guidance) keep their share of
-    the run, so a shorter budget is the same recipe compressed."""
+    steps; the warm-ups keep their share of the run (the learning rate's is scaled here, the
+    contrastive curriculum and the guidance warm-up are shares already), so a shorter budget
+    is the same recipe compressed."""
     sections = {k: v for k, v in base.to_dict().items() if k not in ("method", "preset_name", "model")}
     cfg = Config.preset(base.preset_name, method=method, **sections)
-    scale = steps / base.train.steps
     cfg.train.steps = steps
-    cfg.train.warmup_steps = round(base.train.warmup_steps * scale)
-    cfg.objective.contrastive_mask_warmup_steps = round(base.objective.contrastive_mask_warmup_steps * scale)
-    cfg.teacher.guidance_warmup_steps = round(base.teacher.guidance_warmup_steps * scale)
+    cfg.train.warmup_steps = round(base.train.warmup_steps * steps / base.train.steps)
     return cfg
 
 

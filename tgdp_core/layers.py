@@ -92,11 +92,25 @@ class Attention(nn.Module):
         priority "global_to_patch": the global query's attention row (``attn[:, :, 0, 1:]``),
         one query against all keys.
         Both are averaged over heads and normalised to sum to one over the patches.
+
+        With a priority the attention runs in fp32 even under bf16 autocast: the weights are
+        all near 1/N, and bf16's 8-bit mantissa rounds them onto a few dozen values at base
+        width (issue 12), so the top-k cut fell inside ties broken by token index. The fp32
+        projections cost one block's q/k/v in the teacher's pass; without autocast nothing changes.
         """
+        if priority is None:
+            return self._forward_global(x, None)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward_global(x, priority, dtype=torch.float32)
+
+    def _forward_global(self, x: torch.Tensor, priority: str | None, dtype: torch.dtype | None = None):
+        """forward_global's computation, in ``dtype`` when given (else the ambient one)."""
         B, N, D = x.shape
         H, Dh = self.heads, D // self.heads
         w_q, w_kv = self.qkv.weight.split([D, 2 * D])
         b_q, b_kv = self.qkv.bias.split([D, 2 * D])
+        if dtype is not None:
+            x, w_q, w_kv, b_q, b_kv = (t.to(dtype) for t in (x, w_q, w_kv, b_q, b_kv))
         kv = F.linear(x, w_kv, b_kv).view(B, N, 2, H, Dh).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]  # (B, H, N, Dh)
         scores = None

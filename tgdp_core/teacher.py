@@ -23,8 +23,9 @@ def momentum_at(step: int, total_steps: int, start: float, end: float = 1.0) -> 
 
 
 def guidance_active(cfg: Config, step: int) -> bool:
-    """Whether the contrastive view uses the teacher's priority at ``step`` (after warm-up)."""
-    return cfg.objective.selection != "random" and step >= cfg.teacher.guidance_warmup_steps
+    """Whether the contrastive view uses the teacher's priority at ``step`` (after the warm-up,
+    ``teacher.guidance_warmup_fraction`` of the run)."""
+    return cfg.objective.selection != "random" and step >= cfg.steps_of(cfg.teacher.guidance_warmup_fraction)
 
 
 def needs_teacher(cfg: Config) -> bool:

@@ -61,11 +61,13 @@ def lr_at(step: int, cfg: Config) -> float:
 
 def contrastive_ratio_at(step: int, cfg: Config) -> float:
     """The contrastive view's mask ratio at ``step``: linear from 0 to ``contrastive_mask_ratio``
-    over ``contrastive_mask_warmup_steps``, then constant (the whole run when the warm-up is 0)."""
+    over the first ``contrastive_mask_warmup_fraction`` of the run, then constant (the whole
+    run when the warm-up is 0)."""
     o = cfg.objective
-    if step >= o.contrastive_mask_warmup_steps:
+    ramp = cfg.steps_of(o.contrastive_mask_warmup_fraction)
+    if step >= ramp:
         return o.contrastive_mask_ratio
-    return o.contrastive_mask_ratio * step / o.contrastive_mask_warmup_steps
+    return o.contrastive_mask_ratio * step / ramp
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -179,6 +181,7 @@ class Run:
     start_step: int
     history: list[dict[str, Any]]
     evaluator: Any = None  # periodic_eval.PeriodicEval when train.eval_every > 0, else None
+    init: ckpt.PretrainedReport | None = None  # what train.init_from loaded (None: random start or resumed)
 
     @property
     def last(self) -> Path:
@@ -221,16 +224,21 @@ def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=Non
     if dataset is None:
         cfg = resolve_data(cfg)
     out_dir = _shared_run_dir(Path(out_dir) if out_dir else default_run_dir(cfg))
+    resuming = resume and (out_dir / "last.pt").exists()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    student = build_model(cfg).to(device).train()
-    teacher = make_teacher(student)
+    student = build_model(cfg)
+    init = initial_weights(cfg, student, out_dir / "last.pt" if resuming else None)
+    student = student.to(device).train()
+    teacher = make_teacher(student)  # after the weights are in: the teacher starts as the student
     optimizer = make_optimizer(student, cfg)
     start_step, history = 0, []
-    if resume and (out_dir / "last.pt").exists():
+    if resuming:
         start_step, history = _restore(out_dir / "last.pt", cfg, student, teacher, optimizer, device)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
+        if init:
+            (out_dir / "init_from.json").write_text(init.to_json())
     model = student
     if dist.is_distributed():
         model = torch.nn.parallel.DistributedDataParallel(
@@ -238,7 +246,27 @@ def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=Non
     data = dataset or _rank0_first(lambda: AVDataset(cfg.data.train_manifest, cfg, train=True))
     evaluator = _rank0_first(lambda: periodic_eval_for(cfg, out_dir, device, eval_dataset, start_step > 0))
     loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
-    return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history, evaluator)
+    return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history, evaluator, init)
+
+
+def initial_weights(cfg: Config, student: TGDPModel, resuming: Path | None) -> ckpt.PretrainedReport | None:
+    """Load ``train.init_from`` into the fresh student and say what went where (rank 0 prints
+    it; the run folder keeps it as init_from.json). A run resuming from ``resuming`` (its
+    last.pt) keeps that checkpoint's weights, and the log says so."""
+    if not cfg.train.init_from:
+        return None
+    if resuming is not None:
+        _note(f"resuming from {resuming}: its weights win, train.init_from={cfg.train.init_from} is not loaded")
+        return None
+    report = ckpt.load_pretrained(student, cfg.train.init_from)
+    _note(report.summary())
+    return report
+
+
+def _note(message: str) -> None:
+    """A line in the run's log (rank 0), above the progress bar."""
+    if dist.is_main():
+        tqdm.write(message)
 
 
 def train_steps(run: Run, log: "RunLog") -> None:

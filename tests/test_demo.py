@@ -120,6 +120,17 @@ def test_gallery_embeddings_are_cached_and_keyed_by_checkpoint_and_manifest(serv
     assert retrieval.Retriever(copy, manifest, tmp_path / "cache", progress=False).cache_file != other.cache_file
 
 
+def test_an_export_folder_serves_the_same_gallery(served, tmp_path):
+    from tgdp_core.export import export_checkpoint
+
+    app, manifest, ckpt = served
+    folder = export_checkpoint(ckpt, tmp_path / "exported")
+    r = retrieval.Retriever(folder, manifest, tmp_path / "cache", progress=False)
+    assert r.exported and not r.official and r.guide_source == "student" and r.info()["format"] == "tgdp export"
+    assert torch.allclose(r.visual, app.retriever.visual, atol=1e-5)
+    assert torch.allclose(r.audio, app.retriever.audio, atol=1e-5)
+
+
 def test_an_untrained_checkpoint_without_teacher_uses_the_student(tmp_path, monkeypatch):
     manifest = make_clips(tmp_path / "gallery", n=2)
     path = checkpoint.save_checkpoint(checkpoint.model_payload(tg.build_model(tg.Config.preset("tiny"))),

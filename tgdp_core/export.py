@@ -18,7 +18,6 @@ import os
 import tempfile
 from pathlib import Path
 
-
 from .checkpoint import CheckpointError, load_state_strict, model_from_checkpoint, read_checkpoint, teacher_encoder_from
 from .config import Config
 from .model import TGDPModel

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import evaluate, media
-from .checkpoint import FORMAT, CheckpointError, load_model, load_teacher_encoder, read_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint, teacher_encoder_from
+from .export import is_export
 from .dataset import AVDataset, segment_bounds
 
 log = logging.getLogger(__name__)
@@ -92,15 +93,17 @@ class Retriever:
         self.device = torch.device(device)
         self.model = load_model(self.checkpoint, map_location=self.device)
         self.cfg = self.model.cfg
-        data = read_checkpoint(self.checkpoint)  # the extras load_model leaves: teacher, step, history
-        self.official = data.get("format") != FORMAT
-        self.step = None if self.official else data.get("step")
+        # the extras load_model leaves (teacher, step); an export (export.py) holds weights only
+        self.exported = is_export(self.checkpoint)
+        data = {} if self.exported else read_checkpoint(self.checkpoint)
+        self.official = not self.exported and data.get("format") != FORMAT
+        self.step = data.get("step") if data.get("format") == FORMAT else None
         self.priority_direction = self.cfg.objective.score_direction
         self.guide_encoder, self.guide_source = self.model.encoder, "student"
         if not self.cfg.model.global_token:  # CAV-MAE: no global token, no attention priority
             self.guide_encoder, self.guide_source = None, "none (the model has no global token)"
-        elif (teacher := load_teacher_encoder(self.checkpoint, self.model, self.device)) is not None:
-            self.guide_encoder, self.guide_source = teacher, "EMA teacher"
+        elif (teacher := teacher_encoder_from(data, self.model, str(self.checkpoint))) is not None:
+            self.guide_encoder, self.guide_source = teacher.to(self.device), "EMA teacher"
         del data
 
         cfg = copy.deepcopy(self.cfg)
@@ -121,10 +124,11 @@ class Retriever:
 
     # ------------------------------------------------------------------ gallery embeddings
     def _cache_key(self) -> str:
-        stat = self.checkpoint.stat()
+        weights = self.checkpoint / "model.safetensors" if self.checkpoint.is_dir() else self.checkpoint
+        stat = weights.stat()
         # the feature cache's folder name already hashes the gallery files' sizes and mtimes
         features = self.dataset.cache.folder.name if self.dataset.cache is not None else ""
-        ident = [EMBEDDING_CACHE_VERSION, str(self.checkpoint.resolve()), stat.st_size, stat.st_mtime_ns,
+        ident = [EMBEDDING_CACHE_VERSION, str(weights.resolve()), stat.st_size, stat.st_mtime_ns,
                  self.cfg.to_dict(), features]
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode())
         digest.update(self.gallery.read_bytes())
@@ -273,7 +277,7 @@ class Retriever:
         """What the model panel shows."""
         n_params = sum(p.numel() for p in self.model.parameters())
         return {"checkpoint": str(self.checkpoint),
-                "format": "official CAV-MAE Sync / TG-DP" if self.official else "tgdp",
+                "format": "official CAV-MAE Sync / TG-DP" if self.official else "tgdp export" if self.exported else "tgdp",
                 "method": self.cfg.method, "preset": self.cfg.preset_name, "step": self.step,
                 "parameters": n_params, "priority": f"{self.guide_source}, {self.priority_direction}",
                 "gallery": str(self.gallery), "clips": len(self.clips), "skipped": dict(self.dataset.skipped),

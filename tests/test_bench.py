@@ -14,7 +14,7 @@ import tgdp_core as tg
 from tgdp_core import bench
 from tgdp_core.flops import step_flops
 from tgdp_core.teacher import guidance_active
-from tgdp_core.trainer import contrastive_ratio_at, make_optimizer, make_teacher, train_step
+from tgdp_core.trainer import contrastive_ratio_at, make_optimizer, make_teacher, rec_ratio_at, train_step
 
 from conftest import tiny_batch
 from test_dataset import make_clips
@@ -35,21 +35,35 @@ def counted_step_flops(cfg, batch=2, step=0):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("method,overrides", [
-    ("tgdp", {}),  # step 0: the curriculum's full contrastive view
-    ("tgdp", {"objective.contrastive_mask_warmup_fraction": 0.0}),  # the masked view from the start
-    ("sync", {}),
-    ("cavmae", {}),
-    ("tgdp", {"objective.score_direction": "global_to_patch"}),
-    ("tgdp", {"teacher.guidance_warmup_fraction": 0.1}),  # teacher without priority during the warm-up
-    ("tgdp", {"objective.selection": "random", "objective.distill_weight": 0.0}),  # no teacher at all
+@pytest.mark.parametrize("method,overrides,step", [
+    ("tgdp", {}, 0),  # step 0: the curriculum's full contrastive view
+    ("tgdp", {"objective.contrastive_mask_warmup_fraction": 0.0}, 0),  # the masked view from the start
+    ("sync", {}, 0),
+    ("cavmae", {}, 0),
+    ("tgdp", {"objective.score_direction": "global_to_patch"}, 0),
+    ("tgdp", {"teacher.guidance_warmup_fraction": 0.1}, 0),  # teacher without priority during the warm-up
+    ("tgdp", {"objective.selection": "random", "objective.distill_weight": 0.0}, 0),  # no teacher at all
+    # the single pass's ramp over 10 of 400 steps: its one view unmasked at step 0, 0.3 removed at step 4
+    ("sync", {"objective.single_pass_mask_warmup_fraction": 0.025}, 0),
+    ("sync", {"objective.single_pass_mask_warmup_fraction": 0.025}, 4),
+    ("cavmae", {"objective.single_pass_mask_warmup_fraction": 0.025}, 6),
+    ("tgdp", {"objective.rec_selection": "guided", "objective.selection": "random",  # priority for the
+              "teacher.guidance_warmup_fraction": 0.0}, 3),  # reconstruction view only, mid contrastive ramp
 ])
-def test_analytic_flops_match_the_flop_counter_on_a_real_step(method, overrides):
+def test_analytic_flops_match_the_flop_counter_on_a_real_step(method, overrides, step):
     cfg = tg.Config.preset("tiny", method=method, **overrides)
-    counted = counted_step_flops(cfg)
-    analytic = step_flops(cfg, batch=2, guided=guidance_active(cfg, 0),
-                          contrastive_ratio=contrastive_ratio_at(0, cfg)).total  # full view at step 0
+    counted = counted_step_flops(cfg, step=step)
+    analytic = step_flops(cfg, batch=2, guided=guidance_active(cfg, step), contrastive_ratio=contrastive_ratio_at(step, cfg),
+                          rec_ratio=rec_ratio_at(step, cfg)).total
     assert analytic == pytest.approx(counted, rel=0.01)
+
+
+def test_steady_step_follows_every_curriculum():
+    cfg = tg.Config.preset("tiny", method="sync", **{"objective.single_pass_mask_warmup_fraction": 0.75})
+    assert bench.steady_step(cfg) == 300 and rec_ratio_at(300, cfg) == cfg.objective.rec_mask_ratio
+    assert rec_ratio_at(150, cfg) == pytest.approx(cfg.objective.rec_mask_ratio / 2)
+    tgdp = tg.Config.preset("tiny", **{"objective.single_pass_mask_warmup_fraction": 0.75})
+    assert rec_ratio_at(0, tgdp) == tgdp.objective.rec_mask_ratio  # tgdp's reconstruction view never ramps
 
 
 def test_flop_parts_add_up_and_tgdp_costs_more_than_sync():

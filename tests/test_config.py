@@ -75,6 +75,12 @@ def test_cavmae_method_defaults_and_overrides():
     (lambda: tg.Config.preset("tiny").override("train.steps"), "section.field=value"),
     (lambda: tg.Config.preset("tiny", teacher={"guidance_warmup_fraction": 250}),
      r"teacher.guidance_warmup_fraction=250 is a share of train.steps: it must lie in \[0, 1\]"),
+    (lambda: tg.Config.preset("tiny", objective={"rec_selection": "top"}), "rec_selection 'top' is not one of random"),
+    (lambda: tg.Config.preset("tiny", method="sync", objective={"rec_selection": "guided"}), "needs the EMA teacher"),
+    (lambda: tg.Config.preset("tiny", objective={"selection_temperature": 0.0}), "selection_temperature must be positive"),
+    (lambda: tg.Config.preset("tiny", objective={"single_pass_mask_warmup_fraction": -0.1}),
+     r"single_pass_mask_warmup_fraction=-0.1 is a share of train.steps"),
+    (lambda: tg.Config.preset("tiny", train={"probe_every": -5}), r"probe_every must be >= 0 \(0 = off\)"),
 ])
 def test_bad_configs_are_rejected_with_the_valid_names(call, message):
     with pytest.raises(ValueError, match=message):

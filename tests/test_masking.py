@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tgdp_core.masking import (guided_masking, num_kept, patchify, probabilistic_masking, random_masking,
-                               unpatchify)
+from tgdp_core.masking import (guided_masking, gumbel_top_k_masking, inverse_guided_masking, num_kept, patchify,
+                               probabilistic_masking, random_masking, softmax_logits, softmax_probabilities, unpatchify)
 
 
 def tokens(B=3, N=20, D=4):
@@ -62,6 +62,32 @@ def test_probabilistic_masking_follows_scores():
     a = probabilistic_masking(x, torch.ones(2, 10), 0.5, torch.Generator().manual_seed(0))[1]
     b = probabilistic_masking(x, torch.ones(2, 10), 0.5, torch.Generator().manual_seed(1))[1]
     assert not torch.equal(a, b)  # uniform scores: a random draw, not a fixed order
+
+
+def test_inverse_guided_masking_removes_exactly_the_top_tokens():
+    x = tokens(B=4, N=50)
+    scores = torch.rand(4, 50)
+    for ratio in (0.0, 0.5, 0.75):
+        keep = int(50 * (1 - ratio))
+        kept, mask, ids_restore = inverse_guided_masking(x, scores, ratio)
+        top = set(torch.topk(scores, 50 - keep, dim=1).indices[0].tolist()) if keep < 50 else set()
+        assert set(kept[0, :, 0].long().tolist()) == set(range(50)) - top
+        assert set(torch.nonzero(mask[0] == 1).flatten().tolist()) == top
+    # at 0.5 the kept half is the guided mask's removed half exactly
+    assert torch.equal(inverse_guided_masking(x, scores, 0.5)[1], 1 - guided_masking(x, scores, 0.5)[1])
+
+
+def test_gumbel_top_k_on_logits_is_the_draw_on_their_softmax():
+    x, logits = tokens(B=3, N=30), torch.randn(3, 30)
+    for seed in range(3):
+        a = gumbel_top_k_masking(x, logits, 0.5, torch.Generator().manual_seed(seed))[1]
+        b = probabilistic_masking(x, torch.softmax(logits, -1), 0.5, torch.Generator().manual_seed(seed))[1]
+        assert torch.equal(a, b)
+    assert torch.allclose(softmax_probabilities(logits, 0.5), torch.softmax(2 * logits, -1))
+    cold = gumbel_top_k_masking(x, softmax_logits(logits, 1e-9), 0.5)[1]
+    assert torch.equal(cold, guided_masking(x, logits, 0.5)[1])  # T -> 0: the top-k, without underflow
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        softmax_logits(logits, 0.0)
 
 
 def test_masking_rejects_bad_input():

@@ -223,3 +223,55 @@ def test_token_priority_stays_fp32_under_bf16_autocast(direction):
         assert torch.unique(got[b]).numel() >= 0.95 * 208
         overlap = set(got[b].topk(k).indices.tolist()) & set(want[b].topk(k).indices.tolist())
         assert len(overlap) >= 0.95 * k
+
+
+@pytest.mark.parametrize("kind", ["guided", "guided_inverse"])
+def test_reconstruction_view_keeps_the_teachers_top_k_or_its_complement(kind):
+    cfg = tg.Config.preset("tiny", **{"objective.rec_selection": kind})
+    model = tg.build_model(cfg)
+    audio, frames = tiny_batch(cfg)
+    guide = EMATeacher(model.encoder)(audio, frames, "patch_to_global")
+    out = model(audio, frames, guide, torch.Generator().manual_seed(0))
+    for mask, priority in ((out.masks["rec_a"], guide.priority_a), (out.masks["rec_v"], guide.priority_v)):
+        n = priority.shape[1]
+        keep = int(n * (1 - cfg.objective.rec_mask_ratio))
+        top = torch.zeros_like(mask, dtype=torch.bool).scatter_(
+            1, priority.topk(keep if kind == "guided" else n - keep, dim=1).indices, True)
+        kept = mask == 0
+        assert torch.equal(kept, top if kind == "guided" else ~top)
+    random = tg.build_model(tg.Config.preset("tiny"))(audio, frames, guide, torch.Generator().manual_seed(0))
+    assert random.masks["rec_v"].sum(1).eq(out.masks["rec_v"].sum(1)).all()  # as many removed as at random
+
+
+def test_guided_reconstruction_gets_the_teachers_priority_from_the_trainer(monkeypatch):
+    asked = []
+    cfg = tg.Config.preset("tiny", **{"objective.rec_selection": "guided", "objective.selection": "random",
+                                      "objective.distill_weight": 0.0, "teacher.guidance_warmup_fraction": 0.005})
+    model = tg.build_model(cfg)
+    teacher = make_teacher(model)
+    assert teacher is not None  # the reconstruction view's guidance needs one, even without distillation
+    forward = teacher.forward
+    monkeypatch.setattr(teacher, "forward", lambda a, v, priority: asked.append(priority) or forward(a, v, priority))
+    optimizer = make_optimizer(model, cfg)
+    audio, frames = tiny_batch(cfg)
+    for step in (0, 2):
+        train_step(model, teacher, optimizer, audio, frames, step)
+    assert asked == [None, "patch_to_global"]  # random during the guidance warm-up, guided after it
+
+
+def test_released_softmax_selection_follows_the_raw_attention():
+    audio, frames = tiny_batch(tg.Config.preset("tiny"))
+    cold = tg.Config.preset("tiny", **{"objective.selection": "probabilistic_softmax",
+                                       "objective.selection_temperature": 1e-7})
+    model = tg.build_model(cold)
+    guide = EMATeacher(model.encoder)(audio, frames, "patch_to_global")
+    assert torch.allclose(guide.priority_v, guide.attention_v / guide.attention_v.sum(1, keepdim=True))
+    out = model(audio, frames, guide, torch.Generator().manual_seed(0))
+    keep = int(36 * (1 - cold.objective.contrastive_mask_ratio))
+    top = guide.attention_v.topk(keep, dim=1).indices
+    assert (out.masks["con_v"].gather(1, top) == 0).all()  # T -> 0: the top-k
+    warm = tg.build_model(tg.Config.preset("tiny", **{"objective.selection": "probabilistic_softmax"}))
+    warm.load_state_dict(model.state_dict())
+    shares = [(warm(audio, frames, guide, torch.Generator().manual_seed(s)).masks["con_v"].gather(1, top) == 0)
+              .float().mean().item() for s in range(8)]
+    assert 0.3 < sum(shares) / len(shares) < 0.7  # T = 1: about a random half of the top-k survives

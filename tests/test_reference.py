@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import tgdp_core as tg
-from tgdp_core import losses
+from tgdp_core import analysis, losses
 from tgdp_core.checkpoint import convert_official_state_dict, load_state_strict
 from tgdp_core.masking import guided_masking, patchify, select
 
@@ -58,6 +58,7 @@ def test_teacher_priority_both_directions(ref_model, reference, direction, key):
     for m in "av":
         want = reference[f"{key}_{m}"]
         close(getattr(guide, f"priority_{m}"), want / want.sum(-1, keepdim=True), 1e-6)
+        close(getattr(guide, f"attention_{m}"), want, 1e-6)  # the released code's logits, unnormalised
     close(guide.audio, reference["global_a_teacher"])
     close(guide.visual, reference["global_v_teacher"])
     # the attention matrices agree with the recorded scores (their column 0 / row 0)
@@ -98,3 +99,13 @@ def test_reconstruction_pass_under_fixed_mask(ref_model, reference):
 def test_symmetric_info_nce(reference):
     got = losses.info_nce(reference["global_a"], reference["global_v"], temperature=0.05)
     close(got, reference["nce_symmetric"])
+
+
+def test_the_released_softmax_sampling_is_nearly_uniform_at_t_1(reference):
+    """The official "prob" mode: softmax(head-mean patch->global attention / T), T = 1 (issue 14)."""
+    for m in "av":
+        weights = reference[f"score_patch_to_cls_{m}"]
+        at_one = analysis.softmax_uniformity(weights, temperature=1.0)
+        assert 1.0 < at_one["max/min"] < 1.01 and at_one["entropy"] > 0.9999
+        assert abs(at_one["top-k overlap"] - at_one["chance overlap"]) < 0.05  # a random half, in effect
+        assert analysis.softmax_uniformity(weights, temperature=1e-3)["top-k overlap"] > 0.65  # low T: towards top-k

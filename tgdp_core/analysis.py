@@ -30,7 +30,8 @@ from . import avdigits
 from .checkpoint import load_model, load_teacher_encoder
 from .config import Config
 from .dataset import AVDataset, segment_bounds
-from .masking import guided_masking, patchify, probabilistic_masking, random_masking
+from .masking import (guided_masking, gumbel_top_k_masking, num_kept, patchify, probabilistic_masking, random_masking,
+                      softmax_logits, softmax_probabilities)
 from .model import AVEncoder, TGDPModel, build_model
 from .trainer import TrainResult, train
 
@@ -157,14 +158,18 @@ def guide_encoder(checkpoint: str | Path) -> AVEncoder:
 
 
 @torch.no_grad()
-def token_priority(encoder: AVEncoder, fbank: torch.Tensor, frames: torch.Tensor,
-                   direction: str = "patch_to_global", batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's token priority, as training reads it: (B, T, F), (B, 3, S, S) -> (B, Na), (B, Nv)."""
+def token_priority(encoder: AVEncoder, fbank: torch.Tensor, frames: torch.Tensor, direction: str = "patch_to_global",
+                   batch: int = 256, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's token priority, as training reads it: (B, T, F), (B, 3, S, S) -> (B, Na), (B, Nv).
+
+    ``raw``: the head-mean attention weights before their normalisation over the patches
+    (``Guide.attention_*``: the logits of the released code's softmax sampling) instead.
+    """
     audio, visual = [], []
     for lo in range(0, fbank.shape[0], batch):
         guide = encoder.guide(fbank[lo:lo + batch], frames[lo:lo + batch], direction)
-        audio.append(guide.priority_a)
-        visual.append(guide.priority_v)
+        audio.append(guide.attention_a if raw else guide.priority_a)
+        visual.append(guide.attention_v if raw else guide.priority_v)
     return torch.cat(audio), torch.cat(visual)
 
 
@@ -176,6 +181,34 @@ def select_tokens(priority: torch.Tensor, ratio: float, seed: int = 0) -> dict[s
     return {"guided": guided_masking(tokens, priority, ratio)[1],
             "random": random_masking(tokens, ratio, g.manual_seed(seed))[1],
             "probabilistic": probabilistic_masking(tokens, priority, ratio, g.manual_seed(seed + 1))[1]}
+
+
+def softmax_uniformity(attention: torch.Tensor, temperature: float = 1.0, ratio: float = 0.5,
+                       draws: int = 32, seed: int = 0) -> dict[str, float]:
+    """How close the released code's sampling distribution softmax(attention / T) is to uniform,
+    from head-mean attention weights (B, N) (``Guide.attention_a`` / ``_v``, or the reference's
+    ``score_patch_to_cls_*``):
+
+    "max/min"        median over rows of the largest over the smallest probability (1: uniform;
+                     at most e^(1/T) for any weights in [0, 1])
+    "entropy"        mean of H(p) / ln N (1: uniform)
+    "top-k overlap"  mean share of the top-k tokens (keep = int(N * (1 - ratio))) that a Gumbel
+                     top-k draw of as many keeps, over ``draws`` draws per row
+    "chance overlap" keep / N: the same share for a uniform draw (1 would be the deterministic top-k)
+    """
+    probs = softmax_probabilities(attention, temperature).double()  # (B, N)
+    B, N = probs.shape
+    keep = num_kept(N, ratio)
+    entropy = -(probs * probs.log()).sum(1) / math.log(N)
+    top = torch.zeros(B, N, dtype=torch.bool)
+    top.scatter_(1, probs.topk(keep, dim=1).indices, True)
+    g = torch.Generator().manual_seed(seed)
+    tokens, logits = probs.unsqueeze(-1).float(), softmax_logits(attention, temperature)  # (B, N, 1): a token count
+    overlap = [((gumbel_top_k_masking(tokens, logits, ratio, g)[1] == 0) & top).sum(1).double() / keep
+               for _ in range(draws)]
+    return {"max/min": (probs.max(1).values / probs.min(1).values).median().item(),
+            "entropy": entropy.mean().item(), "top-k overlap": torch.stack(overlap).mean().item(),
+            "chance overlap": keep / N}
 
 
 # ---------------------------------------------------------------------- relevance of kept tokens
@@ -228,6 +261,20 @@ def kept_relevant_share(mask: torch.Tensor, relevant: torch.Tensor) -> torch.Ten
     """Share of the kept tokens that hold relevant content: mask (B, N), 1 = removed; relevant (B, N) bool -> (B,)."""
     kept = 1 - mask.float()
     return (kept * relevant.float()).sum(1) / kept.sum(1)
+
+
+def priority_auc(priority: torch.Tensor, relevant: torch.Tensor) -> float:
+    """ROC AUC of a priority (B, N) as a detector of the relevant tokens (B, N) bool, averaged
+    over rows: the chance that a relevant token outranks an irrelevant one, ties counting half
+    (0.5: no localisation; below 0.5: the priority prefers the background). Rows with one
+    class only (a segment without speech) are left out; NaN when none is left."""
+    both = relevant.any(1) & (~relevant).any(1)
+    if not both.any():
+        return math.nan
+    s, pos = priority[both].float(), relevant[both].bool()
+    above = (s.unsqueeze(2) > s.unsqueeze(1)).float() + 0.5 * (s.unsqueeze(2) == s.unsqueeze(1)).float()  # (B, N, N)
+    pairs = (pos.unsqueeze(2) & ~pos.unsqueeze(1)).float()  # (B, N, N): token i relevant, token j not
+    return ((above * pairs).sum((1, 2)) / pairs.sum((1, 2))).mean().item()
 
 
 def select_pair_tokens(priority: tuple[torch.Tensor, torch.Tensor], ratio: float,
@@ -363,8 +410,21 @@ def step_loss_table(parts: dict[str, torch.Tensor], cfg: Config) -> str:
     return "\n".join(lines)
 
 
+SHIPPED_RESULTS = REPO_ROOT / "docs" / "results"  # the ablation CSVs committed with the repository
+
+
+def find_ablation_csv(curriculum: str, folders: Iterable[str | Path]) -> Path | None:
+    """The first ``ablation-<curriculum>.csv`` (what ``python -m tgdp_core ablate --curriculum``
+    writes) in ``folders``, in their order; None when none has one."""
+    for folder in folders:
+        path = Path(folder) / f"ablation-{curriculum}.csv"
+        if path.is_file():
+            return path
+    return None
+
+
 def read_ablation_csv(path: str | Path) -> dict[str, dict[str, float]]:
-    """The summary ``experiments.ablate`` wrote to ablation.csv: {row: {metric: value}}."""
+    """The summary ``experiments.ablate`` wrote to ablation-<curriculum>.csv: {row: {metric: value}}."""
     import csv
 
     with open(path, newline="") as f:

@@ -44,8 +44,8 @@ from .retrieval import Retriever
 from .flops import step_flops
 from .model import build_model
 from .teacher import EMATeacher, guidance_active
-from .trainer import (autocast_for, contrastive_ratio_at, make_optimizer, make_teacher, mask_generator, resolve_data,
-                      resolve_device, train_step, trains_in_bf16)
+from .trainer import (autocast_for, contrastive_ratio_at, make_optimizer, make_teacher, mask_generator, rec_ratio_at,
+                      resolve_data, resolve_device, train_step, trains_in_bf16)
 
 SKIPPABLE = ("loader", "embed", "query")
 # The issue's targets.
@@ -125,9 +125,11 @@ def _sync(device: str) -> None:
 
 # ---------------------------------------------------------------------- training steps
 def steady_step(cfg: Config) -> int:
-    """The first step after the guidance warm-up and the contrastive curriculum: the bench times
+    """The first step after the guidance warm-up and the mask-ratio curricula: the bench times
     steps from here on, the cost of most of a run (a fresh model costs the same at any step)."""
-    return cfg.steps_of(max(cfg.teacher.guidance_warmup_fraction, cfg.objective.contrastive_mask_warmup_fraction))
+    o = cfg.objective
+    return cfg.steps_of(max(cfg.teacher.guidance_warmup_fraction, o.contrastive_mask_warmup_fraction,
+                            o.single_pass_mask_warmup_fraction))
 
 
 def measure_training(cfg_dict: dict, batch: int, steps: int, warmup: int) -> dict[str, Any]:
@@ -193,7 +195,8 @@ def training_row(cfg: Config, batch: int, steps: int, warmup: int, peaks: dict[s
     """One method's measured step with its analytic FLOPs and share of the training dtype's peak."""
     row = in_fresh_process(measure_training, cfg.to_dict(), batch, steps, warmup)
     first = steady_step(cfg) + warmup  # as at the first timed step
-    flops = step_flops(cfg, batch, guided=guidance_active(cfg, first), contrastive_ratio=contrastive_ratio_at(first, cfg))
+    flops = step_flops(cfg, batch, guided=guidance_active(cfg, first), contrastive_ratio=contrastive_ratio_at(first, cfg),
+                       rec_ratio=rec_ratio_at(first, cfg))
     dtype = train_dtype(cfg.train.precision, cfg.train.device)
     achieved = flops.total / row["step_s"]
     row.update(flops_per_step=flops.total, flops_forward=flops.forward, flops_backward=flops.backward,

@@ -24,7 +24,8 @@ from typing import Any
 from .formats import FBANK_MEAN, FBANK_STD, SAMPLE_RATE
 
 METHODS = ("tgdp", "sync", "cavmae")
-SELECTIONS = ("guided", "random", "probabilistic")
+SELECTIONS = ("guided", "random", "probabilistic", "probabilistic_softmax")
+REC_SELECTIONS = ("random", "guided", "guided_inverse")
 SCORE_DIRECTIONS = ("patch_to_global", "global_to_patch")
 LOG_TARGETS = ("jsonl", "tensorboard", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -84,10 +85,28 @@ class ObjectiveConfig:
     # paper). From scratch, masked InfoNCE leaves its collapsed start later than full views do
     # (README, "Learning from scratch"), so the from-scratch CPU presets ramp.
     contrastive_mask_warmup_fraction: float = 0.0
+    # The same ramp for the single-pass methods (sync, cavmae), whose one view is also their
+    # contrastive view: its mask ratio rises linearly from 0 to rec_mask_ratio over this share
+    # of train.steps (trainer.rec_ratio_at), so an ablation can give every row an equal
+    # curriculum (issue 14); 0 = the full ratio from the first step (CAV-MAE Sync). tgdp
+    # ignores it: its reconstruction view stays at rec_mask_ratio, its contrastive view ramps
+    # by contrastive_mask_warmup_fraction.
+    single_pass_mask_warmup_fraction: float = 0.0
     # Which tokens the contrastive path keeps: the teacher's top-k ("guided", the paper),
-    # uniformly at random ("random", ablation) or sampled in proportion to the teacher's
-    # priority without replacement ("probabilistic", ablation).
+    # uniformly at random ("random", ablation), sampled without replacement in proportion to
+    # the teacher's priority ("probabilistic", ablation), or the released code's "prob" mode
+    # ("probabilistic_softmax"): Gumbel top-k from softmax(head-mean attention / T), T =
+    # selection_temperature (docs/method.md, "The teacher and the token priority").
     selection: str = "guided"
+    # T of "probabilistic_softmax". 1.0 is the released code's default; the attention weights
+    # are ~1/N, so at T = 1 the draw is nearly uniform (max/min probability ~1.005 on the
+    # reference tensors): smaller T moves it towards the top-k.
+    selection_temperature: float = 1.0
+    # Which tokens the reconstruction view keeps (the paper's future work, issue 14): uniformly
+    # at random ("random", the paper), the teacher's top-k ("guided") or all but the teacher's
+    # top tokens ("guided_inverse": the informative ones are masked and must be inferred).
+    # Guided choices follow teacher.guidance_warmup_fraction like the contrastive selection.
+    rec_selection: str = "random"
     # Token priority read off the teacher's joint-block attention: how much each patch (as
     # query) attends to the global token (the official code's reading), or the global token's
     # attention row over the patches (the DINO-style reading).
@@ -179,6 +198,12 @@ class TrainConfig:
     # Keep the best checkpoint by this evaluation metric, e.g. "A->V R@1" (run folder/best.pt;
     # MedR: lower is better, every other metric higher). "" = keep none.
     keep_best: str = ""
+    # Steps between guidance diagnostics in metrics.jsonl ("probe/..." keys, diagnostics.py):
+    # the teacher's localisation on a fixed batch of training pairs, against the relevance
+    # masks only AV-Digits sets carry, so other corpora log nothing; 0 = off. Also at the
+    # last step. 50: eight points over the tiny preset's 400 steps, each two teacher passes over
+    # 64 pairs (diagnostics.PROBE_CLIPS), small beside 50 training steps.
+    probe_every: int = 50
     checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # the newest k step checkpoints are kept, besides last.pt
     seed: int = 0
@@ -285,6 +310,12 @@ class Config:
             problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if o.selection not in SELECTIONS:
             problems.append(f"objective.selection {o.selection!r} is not one of {', '.join(SELECTIONS)}")
+        if o.rec_selection not in REC_SELECTIONS:
+            problems.append(f"objective.rec_selection {o.rec_selection!r} is not one of {', '.join(REC_SELECTIONS)}")
+        elif o.rec_selection != "random" and self.method != "tgdp":
+            problems.append(f"objective.rec_selection={o.rec_selection!r} needs the EMA teacher of method 'tgdp'")
+        if o.selection_temperature <= 0:
+            problems.append(f"objective.selection_temperature must be positive, got {o.selection_temperature}")
         if o.score_direction not in SCORE_DIRECTIONS:
             problems.append(
                 f"objective.score_direction {o.score_direction!r} is not one of {', '.join(SCORE_DIRECTIONS)}"
@@ -297,9 +328,12 @@ class Config:
         if not 0.0 <= o.rec_mask_ratio < 1.0 or not 0.0 <= o.contrastive_mask_ratio < 1.0:
             problems.append("mask ratios must lie in [0, 1)")
         for name, share in (("objective.contrastive_mask_warmup_fraction", o.contrastive_mask_warmup_fraction),
+                            ("objective.single_pass_mask_warmup_fraction", o.single_pass_mask_warmup_fraction),
                             ("teacher.guidance_warmup_fraction", self.teacher.guidance_warmup_fraction)):
             if not 0.0 <= share <= 1.0:
                 problems.append(f"{name}={share} is a share of train.steps: it must lie in [0, 1]")
+        if self.train.probe_every < 0:
+            problems.append(f"train.probe_every must be >= 0 (0 = off), got {self.train.probe_every}")
         if o.temperature <= 0:
             problems.append("objective.temperature must be positive")
         if self.method in ("tgdp", "sync") and not m.global_token:

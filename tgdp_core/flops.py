@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from .config import Config, ModelConfig
 from .masking import num_kept
-from .teacher import needs_teacher
+from .teacher import needs_teacher, uses_priority
 
 
 @dataclass
@@ -114,25 +114,28 @@ def _hidden(dim: int, m: ModelConfig) -> int:
     return int(dim * m.mlp_ratio)
 
 
-def step_flops(cfg: Config, batch: int, guided: bool = True, contrastive_ratio: float | None = None) -> StepFlops:
+def step_flops(cfg: Config, batch: int, guided: bool = True, contrastive_ratio: float | None = None,
+               rec_ratio: float | None = None) -> StepFlops:
     """FLOPs of one ``train_step`` of ``cfg.method`` on ``batch`` samples.
 
     ``guided``: whether the teacher computes the token priority at this step (after the
-    guidance warm-up; ignored unless the method has a teacher and a non-random selection).
-    ``contrastive_ratio``: the contrastive view's mask ratio at this step (default: the
-    configured ratio, as after the curriculum).
+    guidance warm-up; ignored unless a view of the method selects by priority).
+    ``contrastive_ratio`` / ``rec_ratio``: the contrastive and reconstruction views' mask ratios
+    at this step (``trainer.contrastive_ratio_at`` / ``rec_ratio_at``; default: the configured
+    ratios, as after the curricula).
     """
-    out = _per_sample(cfg, guided, contrastive_ratio).scaled(batch)
+    out = _per_sample(cfg, guided, contrastive_ratio, rec_ratio).scaled(batch)
     # both directions' logits (B, D) x (D, B); the only product that grows with batch squared
     out.add("InfoNCE logits", 2 * linear(batch, cfg.model.embed_dim, batch))
     return out
 
 
-def _per_sample(cfg: Config, guided: bool, contrastive_ratio: float | None) -> StepFlops:
+def _per_sample(cfg: Config, guided: bool, contrastive_ratio: float | None, rec_ratio: float | None) -> StepFlops:
     """Every part of ``step_flops`` that scales with the batch, for one sample."""
     m, o = cfg.model, cfg.objective
     na, nv, D = m.num_audio_patches, m.num_visual_patches, m.embed_dim
-    ka, kv = num_kept(na, o.rec_mask_ratio), num_kept(nv, o.rec_mask_ratio)
+    rec = o.rec_mask_ratio if rec_ratio is None else rec_ratio
+    ka, kv = num_kept(na, rec), num_kept(nv, rec)
     out = StepFlops()
     out.add("student patch embeddings", patch_embed(m), backward_factor=1)  # no input gradient
     out.add("reconstruction view: specific blocks", _specific(m, ka) + _specific(m, kv))
@@ -148,7 +151,7 @@ def _per_sample(cfg: Config, guided: bool, contrastive_ratio: float | None) -> S
     else:  # cavmae: the per-modality joint block, mean-pooled
         out.add("contrastive features: joint blocks", block(ka, D, _hidden(D, m)) + block(kv, D, _hidden(D, m)))
     if needs_teacher(cfg):
-        priority = o.score_direction if guided and o.selection != "random" else None
+        priority = o.score_direction if guided and uses_priority(cfg) else None
         teacher = (patch_embed(m) + _specific(m, na) + _specific(m, nv)
                    + _global(m, na, priority) + _global(m, nv, priority))
         out.add("EMA teacher (forward only)", teacher, backward_factor=0)

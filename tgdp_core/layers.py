@@ -6,8 +6,9 @@ block of the backbone owns three LayerNorm pairs (shared, audio, visual) and is 
 
 ``Block.forward_global`` runs the block for the global token alone (the token at index 0): keys
 and values come from every token, but only the global query, attention row, projection and MLP
-are computed. With ``priority=...`` it also returns the token priority of TG-DP (head-averaged
-attention between global and patch tokens) without forming an N x N attention matrix.
+are computed. With ``priority=...`` it also returns the head-averaged attention weights between
+global and patch tokens (TG-DP's token priority before normalisation) without forming an
+N x N attention matrix.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, H, N, Dh)
 
     def forward_global(self, x: torch.Tensor, priority: str | None = None):
-        """Attention output of token 0 only: (B, N, D) -> (B, 1, D), and the priority (B, N-1).
+        """Attention output of token 0 only: (B, N, D) -> (B, 1, D), and attention weights (B, N-1).
 
         priority "patch_to_global": each patch query's attention weight on the global key
         (``attn[:, :, 1:, 0]``, the official reading). It needs every query's softmax
@@ -91,7 +92,9 @@ class Attention(nn.Module):
         fused kernel call gives it together with the global token's output.
         priority "global_to_patch": the global query's attention row (``attn[:, :, 0, 1:]``),
         one query against all keys.
-        Both are averaged over heads and normalised to sum to one over the patches.
+        Both are attention weights averaged over heads, not renormalised over the patches
+        (``AVEncoder.global_feature`` does that for the priority; the released code's "prob"
+        selection takes the raw weights as its logits).
 
         With a priority the attention runs in fp32 even under bf16 autocast: the weights are
         all near 1/N, and bf16's 8-bit mantissa rounds them onto a few dozen values at base
@@ -131,8 +134,6 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dh)
             else:
                 raise ValueError(f"unknown priority {priority!r}; use 'patch_to_global' or 'global_to_patch'")
-        if scores is not None:
-            scores = scores / scores.sum(-1, keepdim=True)
         return self.proj(self._merge(out)), scores
 
 
@@ -160,7 +161,7 @@ class Block(nn.Module):
         return x + self.mlp(n2(x))
 
     def forward_global(self, x: torch.Tensor, norm: str | None = None, priority: str | None = None):
-        """The block's output for token 0 only, (B, N, D) -> (B, 1, D), plus optional priority."""
+        """The block's output for token 0 only, (B, N, D) -> (B, 1, D), plus optional attention weights."""
         n1, n2 = self._norms(norm)
         y, scores = self.attn.forward_global(n1(x), priority)
         g = x[:, :1] + y

@@ -1,4 +1,4 @@
-"""Token selection (random, teacher-guided, probabilistic) and patchify / unpatchify.
+"""Token selection (random, teacher-guided, inverse-guided, probabilistic) and patchify / unpatchify.
 
 All selections share MAE's convention: a per-sample ordering ``ids_shuffle`` of the N tokens
 whose first ``keep = int(N * (1 - ratio))`` entries are kept, and return
@@ -64,18 +64,47 @@ def guided_masking(x: torch.Tensor, scores: torch.Tensor, ratio: float):
     return select(x, order, num_kept(x.shape[1], ratio))
 
 
+def inverse_guided_masking(x: torch.Tensor, scores: torch.Tensor, ratio: float):
+    """Remove exactly the top tokens by ``scores`` (B, N) and keep the rest: the kept tokens are
+    the complement of the top (N - keep) of ``guided_masking``'s order (ties as there)."""
+    _check_tokens(x, scores)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True).flip(1)  # the top tokens last
+    return select(x, order, num_kept(x.shape[1], ratio))
+
+
+def softmax_probabilities(weights: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(weights / T) over the tokens, (B, N) -> (B, N): the released TG-DP code's
+    sampling distribution for its "prob" selection, from the head-mean attention weights."""
+    return torch.softmax(softmax_logits(weights, temperature), dim=-1)
+
+
+def softmax_logits(weights: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """weights / T (float32): log-probabilities of ``softmax_probabilities`` up to a per-row
+    constant, which is all ``gumbel_top_k_masking`` needs (and exact where a tiny T would
+    underflow the probabilities)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return weights.float() / temperature
+
+
 def probabilistic_masking(x: torch.Tensor, scores: torch.Tensor, ratio: float,
                           generator: torch.Generator | None = None, batch_slice: BatchSlice | None = None):
-    """Sample tokens without replacement with probability proportional to ``scores``.
-
-    Gumbel top-k: adding Gumbel noise to log-scores and taking the top-k draws k items
-    sequentially without replacement in proportion to the scores.
-    """
+    """Sample tokens without replacement with probability proportional to ``scores`` (B, N) >= 0."""
     _check_tokens(x, scores)
-    uniform = _uniform(scores.shape, x.device, generator, batch_slice)
+    return gumbel_top_k_masking(x, scores.float().clamp_min(1e-30).log(), ratio, generator, batch_slice)
+
+
+def gumbel_top_k_masking(x: torch.Tensor, logits: torch.Tensor, ratio: float,
+                         generator: torch.Generator | None = None, batch_slice: BatchSlice | None = None):
+    """Sample tokens without replacement with probability softmax(``logits``) (B, N).
+
+    Gumbel top-k: adding Gumbel noise to the logits and taking the top-k draws k items
+    sequentially without replacement in proportion to their probabilities.
+    """
+    _check_tokens(x, logits)
+    uniform = _uniform(logits.shape, x.device, generator, batch_slice)
     gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
-    keys = scores.float().clamp_min(1e-30).log() + gumbel
-    return select(x, torch.argsort(keys, dim=1, descending=True), num_kept(x.shape[1], ratio))
+    return select(x, torch.argsort(logits.float() + gumbel, dim=1, descending=True), num_kept(x.shape[1], ratio))
 
 
 def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None,

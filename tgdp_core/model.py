@@ -24,7 +24,8 @@ from torch import nn
 from . import losses
 from .config import Config, ModelConfig
 from .layers import Block, PatchEmbed, init_weights, sincos_2d
-from .masking import BatchSlice, guided_masking, patchify, probabilistic_masking, random_masking
+from .masking import (BatchSlice, guided_masking, gumbel_top_k_masking, inverse_guided_masking, patchify,
+                      probabilistic_masking, random_masking, softmax_logits)
 
 
 @dataclass
@@ -45,6 +46,10 @@ class Guide:
     visual: torch.Tensor  # (B, D)
     priority_a: torch.Tensor | None = None  # (B, Na) sums to 1 over patches; None: not computed
     priority_v: torch.Tensor | None = None  # (B, Nv)
+    # the same head-mean attention weights before that normalisation: the released code's
+    # logits for its "prob" selection (objective.selection="probabilistic_softmax")
+    attention_a: torch.Tensor | None = None  # (B, Na)
+    attention_v: torch.Tensor | None = None  # (B, Nv)
 
 
 @dataclass
@@ -139,8 +144,14 @@ class AVEncoder(nn.Module):
         """Per-modality joint pass -> ((B, D) global feature, (B, n) token priority or None).
 
         With a global token only its row of the joint block is computed; without one (CAV-MAE)
-        the feature is the mean of the modality-normed joint tokens.
+        the feature is the mean of the modality-normed joint tokens. The priority is the
+        head-mean attention (``global_attention``) normalised to sum to one over the patches.
         """
+        g, weights = self.global_attention(x, modality, priority)
+        return g, _normalised(weights)
+
+    def global_attention(self, x: torch.Tensor, modality: str, priority: str | None = None):
+        """``global_feature`` with the head-mean attention weights (B, n) as they are (or None)."""
         norm = getattr(self, f"norm_{modality}")
         if not self.m.global_token:
             if priority is not None:
@@ -173,17 +184,27 @@ class AVEncoder(nn.Module):
         for ``modality="a"`` (or "audio"), the normalised frames (B, 3, H, W) for "v" ("visual").
         ``priority`` ("patch_to_global" / "global_to_patch") also returns the token priority.
         """
+        g, weights = self._encode_attention(x, modality, priority)
+        return g, _normalised(weights)
+
+    def _encode_attention(self, x: torch.Tensor, modality: str, priority: str | None):
+        """``encode`` with the raw head-mean attention weights instead of the priority."""
         m = _MODALITIES.get(modality)
         if m is None:
             raise ValueError(f"unknown modality {modality!r}; use 'a' / 'audio' or 'v' / 'visual'")
         embed = self.embed_audio if m == "a" else self.embed_visual
-        return self.global_feature(self.specific(embed(x), m), m, priority)
+        return self.global_attention(self.specific(embed(x), m), m, priority)
 
     def guide(self, fbank: torch.Tensor, frames: torch.Tensor, priority: str | None) -> Guide:
         """The teacher's pass: full view, global features and (optionally) token priorities."""
-        ga, pa = self.encode(fbank, "a", priority)
-        gv, pv = self.encode(frames, "v", priority)
-        return Guide(ga, gv, pa, pv)
+        ga, wa = self._encode_attention(fbank, "a", priority)
+        gv, wv = self._encode_attention(frames, "v", priority)
+        return Guide(ga, gv, _normalised(wa), _normalised(wv), wa, wv)
+
+
+def _normalised(weights: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, n) non-negative weights scaled to sum to one over the patches (None passes through)."""
+    return None if weights is None else weights / weights.sum(-1, keepdim=True)
 
 
 class MAEDecoder(nn.Module):
@@ -253,19 +274,21 @@ class TGDPModel(nn.Module):
     # ------------------------------------------------------------------ training step
     def forward(self, fbank: torch.Tensor, frames: torch.Tensor, guide: Guide | None = None,
                 generator: torch.Generator | None = None, batch_slice: BatchSlice | None = None,
-                contrastive_ratio: float | None = None) -> StepOutput:
+                contrastive_ratio: float | None = None, rec_ratio: float | None = None) -> StepOutput:
         """One training step's losses.
 
         fbank (B, T, F), frames (B, 3, H, W). For ``tgdp`` pass the teacher's ``guide``
         (priorities None = random selection, e.g. during the guidance warm-up).
         ``generator`` makes the random masks repeatable; ``batch_slice`` says which rows of the
         global batch this rank holds (``masking.BatchSlice``), so its masks match one process.
-        ``contrastive_ratio`` overrides ``objective.contrastive_mask_ratio`` for this step (the
-        trainer's curriculum, ``trainer.contrastive_ratio_at``).
+        ``contrastive_ratio`` and ``rec_ratio`` override ``objective.contrastive_mask_ratio`` and
+        ``objective.rec_mask_ratio`` for this step (the trainer's curricula,
+        ``trainer.contrastive_ratio_at`` / ``trainer.rec_ratio_at``).
         """
         cfg, o = self.cfg, self.cfg.objective
         patches_a, patches_v = self.encoder.embed_audio(fbank), self.encoder.embed_visual(frames)
-        rec = self._reconstruction_view(fbank, frames, patches_a, patches_v, generator, batch_slice)
+        ratio = o.rec_mask_ratio if rec_ratio is None else rec_ratio
+        rec = self._reconstruction_view(fbank, frames, patches_a, patches_v, guide, ratio, generator, batch_slice)
         parts, masks = {"rec": rec.loss}, {"rec_a": rec.mask_a, "rec_v": rec.mask_v}
         if cfg.method == "tgdp":  # a second pass with its own (guided) selection, no decoder
             ratio = o.contrastive_mask_ratio if contrastive_ratio is None else contrastive_ratio
@@ -287,12 +310,14 @@ class TGDPModel(nn.Module):
             loss = loss + o.distill_weight * parts["distill"]
         return StepOutput(loss, parts, global_a, global_v, masks)
 
-    def _reconstruction_view(self, fbank, frames, patches_a, patches_v, generator, batch_slice) -> "_RecView":
-        """Random masking at ``rec_mask_ratio``, the concatenated joint pass, the decoder, L_rec."""
+    def _reconstruction_view(self, fbank, frames, patches_a, patches_v, guide: Guide | None, ratio: float,
+                             generator, batch_slice) -> "_RecView":
+        """Masking at ``ratio`` (``objective.rec_selection``), the concatenated joint pass, the decoder, L_rec."""
         cfg, enc = self.cfg, self.encoder
-        ratio, norm_pix = cfg.objective.rec_mask_ratio, cfg.model.norm_pix_loss
-        kept_a, mask_a, restore_a = random_masking(patches_a, ratio, generator, batch_slice)
-        kept_v, mask_v, restore_v = random_masking(patches_v, ratio, generator, batch_slice)
+        norm_pix = cfg.model.norm_pix_loss
+        priority_a, priority_v = (guide.priority_a, guide.priority_v) if guide is not None else (None, None)
+        kept_a, mask_a, restore_a = self._select_rec(patches_a, priority_a, ratio, generator, batch_slice)
+        kept_v, mask_v, restore_v = self._select_rec(patches_v, priority_v, ratio, generator, batch_slice)
         specific_a, specific_v = enc.specific(kept_a, "a"), enc.specific(kept_v, "v")  # (B, g + keep, D)
         g = int(cfg.model.global_token)
         latent = enc.joint_concat(specific_a[:, g:], specific_v[:, g:])  # (B, keep_a + keep_v, D)
@@ -306,24 +331,42 @@ class TGDPModel(nn.Module):
 
     def _contrastive_view(self, patches_a, patches_v, guide: Guide | None, ratio: float,
                           generator, batch_slice) -> "_ContrastiveView":
-        """The contrastive path's selection (teacher top-k, random or probabilistic) and global features."""
-        priority_a, priority_v = (guide.priority_a, guide.priority_v) if guide is not None else (None, None)
-        kept_a, mask_a = self._select(patches_a, priority_a, ratio, generator, batch_slice)
-        kept_v, mask_v = self._select(patches_v, priority_v, ratio, generator, batch_slice)
+        """The contrastive path's selection (``objective.selection``) and global features."""
+        kept_a, mask_a = self._select(patches_a, *_modality(guide, "a"), ratio, generator, batch_slice)
+        kept_v, mask_v = self._select(patches_v, *_modality(guide, "v"), ratio, generator, batch_slice)
         global_a, _ = self.encoder.global_feature(self.encoder.specific(kept_a, "a"), "a")
         global_v, _ = self.encoder.global_feature(self.encoder.specific(kept_v, "v"), "v")
         return _ContrastiveView(global_a, global_v, mask_a, mask_v)
 
-    def _select(self, tokens: torch.Tensor, priority: torch.Tensor | None, ratio: float,
-                generator: torch.Generator | None, batch_slice: BatchSlice | None):
+    def _select(self, tokens: torch.Tensor, priority: torch.Tensor | None, attention: torch.Tensor | None,
+                ratio: float, generator: torch.Generator | None, batch_slice: BatchSlice | None):
+        """The contrastive view's kept tokens (B, keep, D) and mask (B, N); random without a priority."""
         o = self.cfg.objective
         if o.selection == "guided" and priority is not None:
             kept, mask, _ = guided_masking(tokens, priority, ratio)
         elif o.selection == "probabilistic" and priority is not None:
             kept, mask, _ = probabilistic_masking(tokens, priority, ratio, generator, batch_slice)
+        elif o.selection == "probabilistic_softmax" and attention is not None:
+            logits = softmax_logits(attention, o.selection_temperature)  # softmax(attention / T), as logits
+            kept, mask, _ = gumbel_top_k_masking(tokens, logits, ratio, generator, batch_slice)
         else:
             kept, mask, _ = random_masking(tokens, ratio, generator, batch_slice)
         return kept, mask
+
+    def _select_rec(self, tokens: torch.Tensor, priority: torch.Tensor | None, ratio: float,
+                    generator: torch.Generator | None, batch_slice: BatchSlice | None):
+        """The reconstruction view's (kept, mask, ids_restore): random, or by the teacher's priority."""
+        kind = self.cfg.objective.rec_selection
+        if kind == "guided" and priority is not None:
+            return guided_masking(tokens, priority, ratio)
+        if kind == "guided_inverse" and priority is not None:
+            return inverse_guided_masking(tokens, priority, ratio)
+        return random_masking(tokens, ratio, generator, batch_slice)
+
+
+def _modality(guide: Guide | None, m: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(priority, attention weights) of modality ``m`` ("a" / "v") in ``guide``; (None, None) without one."""
+    return (None, None) if guide is None else (getattr(guide, f"priority_{m}"), getattr(guide, f"attention_{m}"))
 
 
 @dataclass

@@ -31,7 +31,7 @@ from .dataset import segment_bounds
 from .evaluate import evaluate_model
 from .model import Guide
 from .teacher import guidance_active
-from .trainer import contrastive_ratio_at
+from .trainer import contrastive_ratio_at, rec_ratio_at
 
 EVAL_BATCH = 16  # clips per batch, as `python -m tgdp_core eval`
 SAMPLE_SEED = 0  # the fixed sample's random masks: the same draw at every evaluation
@@ -101,7 +101,8 @@ class PeriodicEval:
         was_training = model.training
         try:
             with _own_rng(self.device):
-                out = model.eval()(fbank, frames, guide, generator, contrastive_ratio=ratio)
+                out = model.eval()(fbank, frames, guide, generator, contrastive_ratio=ratio,
+                                   rec_ratio=rec_ratio_at(step, cfg))
         finally:
             model.train(was_training)
         guided = guide is not None and guide.priority_a is not None and cfg.objective.selection != "random"

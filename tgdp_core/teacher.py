@@ -22,15 +22,22 @@ def momentum_at(step: int, total_steps: int, start: float, end: float = 1.0) -> 
     return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
 
 
+def uses_priority(cfg: Config) -> bool:
+    """Whether a view of ``cfg`` selects its tokens by the teacher's priority: a non-random
+    contrastive selection or a guided reconstruction view (TG-DP only)."""
+    o = cfg.objective
+    return cfg.method == "tgdp" and (o.selection != "random" or o.rec_selection != "random")
+
+
 def guidance_active(cfg: Config, step: int) -> bool:
-    """Whether the contrastive view uses the teacher's priority at ``step`` (after the warm-up,
-    ``teacher.guidance_warmup_fraction`` of the run)."""
-    return cfg.objective.selection != "random" and step >= cfg.steps_of(cfg.teacher.guidance_warmup_fraction)
+    """Whether the teacher computes its priority at ``step``: a view uses it, and the warm-up
+    (``teacher.guidance_warmup_fraction`` of the run) is over."""
+    return uses_priority(cfg) and step >= cfg.steps_of(cfg.teacher.guidance_warmup_fraction)
 
 
 def needs_teacher(cfg: Config) -> bool:
-    """TG-DP needs a teacher for guided/probabilistic selection or for distillation targets."""
-    return cfg.method == "tgdp" and (cfg.objective.selection != "random" or cfg.objective.distill_weight > 0)
+    """TG-DP needs a teacher for a priority-driven selection or for distillation targets."""
+    return uses_priority(cfg) or (cfg.method == "tgdp" and cfg.objective.distill_weight > 0)
 
 
 class EMATeacher(nn.Module):

@@ -64,10 +64,23 @@ def contrastive_ratio_at(step: int, cfg: Config) -> float:
     over the first ``contrastive_mask_warmup_fraction`` of the run, then constant (the whole
     run when the warm-up is 0)."""
     o = cfg.objective
-    ramp = cfg.steps_of(o.contrastive_mask_warmup_fraction)
-    if step >= ramp:
-        return o.contrastive_mask_ratio
-    return o.contrastive_mask_ratio * step / ramp
+    return _ramp(step, o.contrastive_mask_ratio, cfg.steps_of(o.contrastive_mask_warmup_fraction))
+
+
+def rec_ratio_at(step: int, cfg: Config) -> float:
+    """The reconstruction view's mask ratio at ``step``. Single-pass methods (sync, cavmae): the
+    same ramp as ``contrastive_ratio_at``, from 0 to ``rec_mask_ratio`` over the first
+    ``single_pass_mask_warmup_fraction`` of the run (their one view is also their contrastive
+    view); tgdp: ``rec_mask_ratio`` throughout."""
+    o = cfg.objective
+    if cfg.method == "tgdp":
+        return o.rec_mask_ratio
+    return _ramp(step, o.rec_mask_ratio, cfg.steps_of(o.single_pass_mask_warmup_fraction))
+
+
+def _ramp(step: int, ratio: float, warmup_steps: int) -> float:
+    """Linear from 0 at step 0 to ``ratio`` at ``warmup_steps``, then ``ratio`` (at once when 0)."""
+    return ratio if step >= warmup_steps else ratio * step / warmup_steps
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -122,7 +135,8 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
         if teacher is not None:
             priority = cfg.objective.score_direction if guidance_active(cfg, step) else None
             guide = teacher(fbank, frames, priority)
-        out = model(fbank, frames, guide, generator, batch_slice, contrastive_ratio=contrastive_ratio_at(step, cfg))
+        out = model(fbank, frames, guide, generator, batch_slice, contrastive_ratio=contrastive_ratio_at(step, cfg),
+                    rec_ratio=rec_ratio_at(step, cfg))
     if not torch.isfinite(out.loss):
         raise NonFiniteLossError(f"non-finite loss at step {step}: "
                                  + ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items()))
@@ -182,6 +196,13 @@ class Run:
     history: list[dict[str, Any]]
     evaluator: Any = None  # periodic_eval.PeriodicEval when train.eval_every > 0, else None
     init: ckpt.PretrainedReport | None = None  # what train.init_from loaded (None: random start or resumed)
+    probe: Any = None  # diagnostics.GuidanceProbe on rank 0 of an AV-Digits run, else None
+
+    def guidance_record(self, step: int) -> dict[str, float]:
+        """The guidance diagnostics after ``step`` steps when due (``train.probe_every``), else {}."""
+        if self.probe is None or not self.probe.due(step):
+            return {}
+        return self.probe(self.teacher.encoder if self.teacher is not None else self.student.encoder)
 
     @property
     def last(self) -> Path:
@@ -246,7 +267,15 @@ def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=Non
     data = dataset or _rank0_first(lambda: AVDataset(cfg.data.train_manifest, cfg, train=True))
     evaluator = _rank0_first(lambda: periodic_eval_for(cfg, out_dir, device, eval_dataset, start_step > 0))
     loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
-    return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history, evaluator, init)
+    return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history, evaluator, init,
+               _rank0_probe(cfg))
+
+
+def _rank0_probe(cfg: Config):
+    """The guidance probe (diagnostics.py) on rank 0; None elsewhere and off AV-Digits."""
+    from .diagnostics import probe_for  # it builds on analysis, which imports this module
+
+    return probe_for(cfg) if dist.is_main() else None
 
 
 def initial_weights(cfg: Config, student: TGDPModel, resuming: Path | None) -> ckpt.PretrainedReport | None:
@@ -288,6 +317,7 @@ def train_steps(run: Run, log: "RunLog") -> None:
                                 batch_slice=BatchSlice(dist.rank() * fbank.shape[0], cfg.train.batch_size))
             step += 1
             figures = _evaluate(run, log, step, record) if evaluating else {}
+            record.update(run.guidance_record(step))
             log.step_done(step, record, fbank.shape[0] * dist.world_size(), figures)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_run(run, step, log.history)
@@ -326,8 +356,10 @@ class RunLog:
         self.window_start, self.window_samples, self.collapse_warned = time.perf_counter(), 0, False
 
     def due(self, step: int) -> bool:
-        """Whether the step that ends at ``step`` is logged."""
-        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
+        """Whether the step that ends at ``step`` is logged: every ``log_every``-th, the last, and every
+        probe step (``train.probe_every``; on every rank, so their statistics' all-reduce agrees)."""
+        t = self.cfg.train
+        return step % t.log_every == 0 or step == t.steps or (t.probe_every > 0 and step % t.probe_every == 0)
 
     def step_done(self, step: int, record: dict[str, float], samples: int, figures: dict[str, Any] | None = None) -> None:
         self.window_samples += samples

@@ -63,7 +63,8 @@ def plot_quickstart(run_dirs: dict[str, Path], rows: dict[str, dict[str, float]]
 
 
 def plot_ablation(summary: dict[str, dict[str, float]], paper: dict[str, tuple[float, float]]) -> Figure:
-    """Ablation rows: our A->V R@1 / class P@1 / mAP (mean +- sd) beside the paper's numbers."""
+    """Ablation rows: our A->V R@1 / mAP (mean +- sd) beside the paper's numbers (no bar for a
+    row the paper does not report: absent from ``paper`` or NaN)."""
     names = list(summary)
     # the legend sits below the panels ("outside"): inside, it covered the longest bars (issue 16)
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.5 * len(names) + 1.9), sharey=True, layout="constrained")
@@ -71,7 +72,7 @@ def plot_ablation(summary: dict[str, dict[str, float]], paper: dict[str, tuple[f
     for ax, (metric, paper_col, title) in zip(axes, (("A->V R@1", 0, "A->V R@1 (%)"), ("mAP", 1, "probe mAP (%)"))):
         ax.barh([i - 0.2 for i in y], [summary[n][metric] for n in names], 0.4,
                 xerr=[summary[n][metric + " sd"] for n in names], label="AV-Digits (tiny)")
-        ax.barh([i + 0.2 for i in y], [paper[n][paper_col] for n in names], 0.4, alpha=0.6,
+        ax.barh([i + 0.2 for i in y], [paper.get(n, (np.nan, np.nan))[paper_col] for n in names], 0.4, alpha=0.6,
                 label="paper (VGGSound R@1 / AS20K mAP)")
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
@@ -385,13 +386,27 @@ def embedding_maps(maps: dict[str, np.ndarray], labels: np.ndarray, titles: dict
 def plot_ablation_deltas(summary: dict[str, dict[str, float]], paper: dict[str, tuple[float, float]],
                          reference: str, metric: str = "A->V R@1") -> Figure:
     """Each row's change from the ``reference`` row, ours (``metric``) beside the paper's
-    (VGGSound A->V R@1): whether a switch moves things the same way, whatever the scale."""
+    (VGGSound A->V R@1): whether a switch moves things the same way, whatever the scale.
+
+    Ours is the mean paired difference over seeds with its 95 % interval as error bars when the
+    summary has them (``experiments.summarise``: "<metric> diff", " diff lo", " diff hi"), else
+    the difference of the means. The paper's bar is missing where it does not report the row.
+    """
     names = [n for n in summary if n != reference]
-    ours = [summary[n][metric] - summary[reference][metric] for n in names]
-    theirs = [paper[n][0] - paper[reference][0] for n in names]
+    paired = f"{metric} diff" in summary[reference]
+    ours = np.array([summary[n][f"{metric} diff"] if paired else summary[n][metric] - summary[reference][metric]
+                     for n in names])
+    errors = None
+    if paired:
+        lo = np.array([summary[n][f"{metric} diff lo"] for n in names])
+        hi = np.array([summary[n][f"{metric} diff hi"] for n in names])
+        errors = np.nan_to_num(np.stack([ours - lo, hi - ours]))  # no bar where one seed gives no interval
+    nan = (np.nan, np.nan)
+    theirs = [paper.get(n, nan)[0] - paper.get(reference, nan)[0] for n in names]
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.6), layout="constrained")
     y = np.arange(len(names))
-    ax.barh(y - 0.2, ours, 0.4, label=f"AV-Digits {metric}")
+    label = f"AV-Digits {metric}" + (" (paired, 95 % interval)" if paired else "")
+    ax.barh(y - 0.2, ours, 0.4, xerr=errors, label=label)
     ax.barh(y + 0.2, theirs, 0.4, alpha=0.6, label="paper VGGSound A->V R@1")
     ax.axvline(0, color="k", linewidth=0.6)
     ax.set_yticks(y, names)
@@ -399,6 +414,38 @@ def plot_ablation_deltas(summary: dict[str, dict[str, float]], paper: dict[str, 
     ax.set_xlabel(f"points vs {reference!r}")
     fig.legend(loc="outside lower center", ncol=2, fontsize=7, frameon=False)
     ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_guidance_probe(history: list[dict], direction: str | None = None) -> Figure:
+    """The guidance diagnostics of a run over training (``probe/...`` records of metrics.jsonl,
+    diagnostics.py): top row, the share of the priority's top half on the relevant tokens for
+    each score direction beside a random half and chance; bottom row, the priority's AUC against
+    the relevance mask (0.5: no localisation). One column per modality. ``direction`` limits the
+    lines to one score direction (default: both)."""
+    records = [r for r in history if "probe/visual/chance" in r]
+    directions = [direction] if direction else ["patch_to_global", "global_to_patch"]
+    fig, axes = plt.subplots(2, 2, figsize=(8, 4.6), sharex=True, squeeze=False)
+    steps = [r["step"] for r in records]
+    for col, (modality, content) in enumerate((("visual", "digit"), ("audio", "speech"))):
+        top, bottom = axes[0, col], axes[1, col]
+        for d, style in zip(directions, ("-o", "-s")):
+            key = f"probe/{modality}/{d}"
+            top.plot(steps, [100 * r[f"{key}/guided"] for r in records], style, color="tab:red", markersize=3,
+                     label=f"top-k, {d}", alpha=1 if style == "-o" else 0.6)
+            top.plot(steps, [100 * r[f"{key}/random"] for r in records], style, color="tab:blue", markersize=3,
+                     label=f"random, {d}", alpha=1 if style == "-o" else 0.6)
+            bottom.plot(steps, [r[f"{key}/auc"] for r in records], style, color="tab:purple", markersize=3, label=d)
+        top.plot(steps, [100 * r[f"probe/{modality}/chance"] for r in records], "--", color="grey", label="chance")
+        bottom.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+        top.set_title(f"{modality}: kept tokens on the {content} (%)")
+        bottom.set_title(f"{modality}: AUC of the priority")
+        bottom.set_xlabel("training step")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=6)
+    axes[1, 0].legend(fontsize=6)
+    fig.tight_layout()
     return fig
 
 

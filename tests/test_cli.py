@@ -35,3 +35,11 @@ def test_eval_command_prints_a_table_and_writes_json(tmp_path):
     assert "| tgdp |" in result.stdout and "A->V R@1" in result.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert 0 <= metrics["V->A R@1"] <= 100 and metrics["A->V MedR"] <= 3
+
+
+def test_ablate_names_a_bad_curriculum_or_row_in_one_line_before_any_work():
+    result = run("ablate", "--curriculum", "half")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "unknown curriculum 'half'; valid: equal, none, preset" in result.stderr
+    result = run("ablate", "--rows", "nope")
+    assert "unknown ablation rows ['nope']" in result.stderr

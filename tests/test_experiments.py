@@ -1,10 +1,14 @@
 """Quickstart and ablation plumbing on a very small AV-Digits set (numbers are not the point here)."""
 import json
+import math
 
 import pytest
+import torch
 
 import tgdp_core as tg
-from tgdp_core import experiments
+from tgdp_core import analysis, experiments
+from tgdp_core.teacher import needs_teacher
+from tgdp_core.trainer import rec_ratio_at
 from tgdp_core.avdigits import generate
 
 
@@ -43,18 +47,89 @@ def test_a_shorter_budget_keeps_each_warm_up_share_of_the_run():
     assert same.to_dict() == base.to_dict()
 
 
-def test_ablation_rows_are_config_overrides_with_seeds(tmp_path, small_cfg):
-    names = ["single pass (CAV-MAE Sync)", "contrastive ratio 0.65", "random instead of guided"]
+def test_ablation_rows_are_config_overrides_with_paired_seeds(tmp_path, small_cfg, monkeypatch):
+    names = ["single pass (CAV-MAE Sync)", "+ Dual-path (Both 75%)"]
     summary = experiments.ablate(tmp_path, budget=2 / experiments.ABLATION_STEPS, seeds=2, probe_clips=12,
-                                 rows=names, cfg=small_cfg)
-    assert list(summary) == names and all("A->V R@1 sd" in r for r in summary.values())
-    runs = tmp_path / "steps2"
-    assert tg.Config.load(runs / "single-pass--cav-mae-sync" / "seed1" / "config.json").method == "sync"
-    ratio = tg.Config.load(runs / "contrastive-ratio-0-65" / "seed0" / "config.json")
-    assert ratio.objective.contrastive_mask_ratio == 0.65 and ratio.train.seed == 0
-    assert tg.Config.load(runs / "random-instead-of-guided" / "seed1" / "config.json").objective.selection == "random"
-    table = (tmp_path / "ablation.md").read_text()
-    assert "±" in table and "paper VGGSound" in table
-    assert (tmp_path / "ablation.csv").read_text().startswith("row,")
+                                 rows=names, cfg=small_cfg, curriculum="equal")
+    reference = experiments.REFERENCE_ROW
+    assert list(summary) == [reference, *names]  # the reference of the differences always runs
+    runs = tmp_path / "curriculum-equal" / "steps2"
+    sync = tg.Config.load(runs / "single-pass-cav-mae-sync" / "seed1" / "config.json")
+    tgdp = tg.Config.load(runs / "tg-dp-contrastive-0-50-guided" / "seed0" / "config.json")
+    assert sync.method == "sync" and sync.train.seed == 1
+    assert sync.objective.single_pass_mask_warmup_fraction == tgdp.objective.contrastive_mask_warmup_fraction > 0  # equal
+    dual = tg.Config.load(runs / "dual-path-both-75" / "seed0" / "config.json")
+    assert (dual.objective.contrastive_mask_ratio, dual.objective.selection, dual.objective.distill_weight) == (0.75, "random", 0.0)
+    assert torch.load(runs / "dual-path-both-75" / "seed0" / "last.pt", weights_only=True)["teacher"] is None
+    # paired differences: the reference against itself is exactly 0, and every row carries its interval
+    assert (summary[reference]["A->V R@1 diff"], summary[reference]["A->V R@1 diff lo"]) == (0.0, 0.0)
+    seeds = {s: json.loads((runs / "single-pass-cav-mae-sync" / f"seed{s}" / "results.json").read_text()) for s in (0, 1)}
+    refs = {s: json.loads((runs / "tg-dp-contrastive-0-50-guided" / f"seed{s}" / "results.json").read_text()) for s in (0, 1)}
+    diff = sum(seeds[s]["mAP"] - refs[s]["mAP"] for s in (0, 1)) / 2
+    assert summary[names[0]]["mAP diff"] == pytest.approx(diff)
+    assert summary[names[0]]["paper VGGSound A->V R@1"] == 23.2 and "visual AUC %" in summary[names[0]]
+    table = (tmp_path / "ablation-equal.md").read_text()
+    assert "±" in table and "95 % t interval" in table and "localisation" in table and "| + Dual-path (Both 75%) |" in table
+    assert analysis.read_ablation_csv(tmp_path / "ablation-equal.csv")[names[1]]["seeds"] == 2
+    assert len((tmp_path / "ablation-equal-seeds.csv").read_text().splitlines()) == 1 + 3 * 2
+    assert (tmp_path / "ablation-equal.png").exists() and (tmp_path / "ablation-equal-deltas.png").exists()
+    monkeypatch.setattr(experiments, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert experiments.ablate(tmp_path, budget=2 / experiments.ABLATION_STEPS, seeds=2, probe_clips=12, rows=names,
+                              cfg=small_cfg)[names[0]] == summary[names[0]]
+    changed = dict(experiments.ABLATION_ROWS, **{names[1]: {"objective.contrastive_mask_ratio": 0.65}})
+    monkeypatch.setattr(experiments, "ABLATION_ROWS", changed)  # a row redefined: its old runs are not its results
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        experiments.ablate(tmp_path, budget=2 / experiments.ABLATION_STEPS, seeds=2, probe_clips=12, rows=names, cfg=small_cfg)
     with pytest.raises(ValueError, match="unknown ablation rows"):
         experiments.ablate(tmp_path, rows=["nope"], cfg=small_cfg)
+    with pytest.raises(ValueError, match="unknown curriculum 'half'; valid: equal, none, preset"):
+        experiments.ablate(tmp_path, cfg=small_cfg, curriculum="half")
+
+
+def test_paired_differences_and_their_t_interval_against_a_direct_computation():
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(0)
+    ref = [{"A->V R@1": float(x)} for x in torch.rand(4, generator=g) * 50]
+    row = [{"A->V R@1": r["A->V R@1"] + float(d)} for r, d in zip(ref, torch.randn(4, generator=g) * 3 + 2)]
+    out = experiments.paired_differences({"ref": ref, "row": row}, "ref", metrics=("A->V R@1",))["row"]
+    d = [b["A->V R@1"] - a["A->V R@1"] for a, b in zip(ref, row)]
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=sum(d) / len(d), scale=stats.sem(d))
+    assert out["A->V R@1 diff"] == pytest.approx(sum(d) / len(d))
+    assert (out["A->V R@1 diff lo"], out["A->V R@1 diff hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    one = experiments.t_interval([1.5])
+    assert one[0] == 1.5 and math.isnan(one[1]) and math.isnan(one[2])
+    with pytest.raises(ValueError, match="pair them seed by seed"):
+        experiments.paired_differences({"ref": ref, "row": row[:3]}, "ref", metrics=("A->V R@1",))
+
+
+@pytest.mark.parametrize("curriculum,tgdp_ramp,sync_ramp", [("none", 0, 0), ("equal", 250, 250), ("preset", 250, 0)])
+def test_curricula_ramp_the_view_the_contrastive_loss_sees(curriculum, tgdp_ramp, sync_ramp):
+    base = tg.Config.preset("tiny")
+    for name in ("TG-DP: contrastive 0.50, guided", "+ Dual-path (Both 75%)"):
+        cfg = experiments.row_config(base, name, 400, curriculum)
+        o = cfg.objective
+        assert (cfg.steps_of(o.contrastive_mask_warmup_fraction), o.single_pass_mask_warmup_fraction) == (tgdp_ramp, 0)
+        assert rec_ratio_at(0, cfg) == o.rec_mask_ratio  # the reconstruction view never ramps
+    sync = experiments.row_config(base, "single pass (CAV-MAE Sync)", 400, curriculum)
+    assert sync.steps_of(sync.objective.single_pass_mask_warmup_fraction) == sync_ramp
+    assert rec_ratio_at(sync_ramp // 2, sync) == pytest.approx(0.375 if sync_ramp else 0.75)
+    half = experiments.row_config(base, "single pass (CAV-MAE Sync)", 200, curriculum)
+    assert half.steps_of(half.objective.single_pass_mask_warmup_fraction) == sync_ramp // 2  # the same share
+    guided = experiments.row_config(base, "TG-DP: contrastive 0.50, guided", 400, curriculum)
+    assert guided.teacher.guidance_warmup_fraction == base.teacher.guidance_warmup_fraction  # no mask curriculum
+
+
+def test_paper_numbers_stand_beside_the_rows_defined_as_in_the_paper():
+    rows = experiments.ABLATION_ROWS
+    assert set(experiments.PAPER) < set(rows) and experiments.REFERENCE_ROW in experiments.PAPER
+    base = tg.Config.preset("tiny")
+    dual = experiments.row_config(base, "+ Dual-path (Both 75%)", 400, "equal")
+    assert not needs_teacher(dual)  # structural decoupling only: no teacher is built
+    extra = experiments.row_config(base, "dual path 0.75, guided + distillation", 400, "equal")
+    assert needs_teacher(extra) and extra.objective.selection == "guided" and extra.objective.distill_weight > 0
+    assert "dual path 0.75, guided + distillation" not in experiments.PAPER
+    official = experiments.row_config(base, "probabilistic, released code (softmax, T = 1)", 400, "equal").objective
+    assert (official.selection, official.selection_temperature) == ("probabilistic_softmax", 1.0)
+    for name in experiments.OPTIONAL_ROWS:
+        assert name not in experiments.DEFAULT_ROWS and experiments.row_config(base, name, 400, "none").objective.rec_selection != "random"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
 import time
 from contextlib import contextmanager
@@ -29,27 +30,47 @@ from .dataset import AVDataset
 from .evaluate import evaluate_model, markdown_table, pair_chance
 from .model import build_model
 from .trainer import resolve_data, train
-from .viz import plot_ablation, plot_quickstart
+from .viz import plot_ablation, plot_ablation_deltas, plot_quickstart
 
-# The paper's ablation (docs/method.md, "The paper's numbers"): overrides of the TG-DP config and the
-# published VGGSound A->V R@1 / AS20K attention-probe mAP of each row.
+# The ablation rows: overrides of the TG-DP config (docs/method.md, "The paper's numbers").
+REFERENCE_ROW = "TG-DP: contrastive 0.50, guided"  # every row's paired differences are against this one
 ABLATION_ROWS: dict[str, dict[str, Any]] = {
     "single pass (CAV-MAE Sync)": {"method": "sync"},
-    "dual path, both ratios 0.75": {"objective.contrastive_mask_ratio": 0.75},
-    "TG-DP: contrastive 0.50, guided": {},
+    # the paper's structural decoupling alone: two passes, random 0.75 masks on both, no teacher
+    "+ Dual-path (Both 75%)": {"objective.contrastive_mask_ratio": 0.75, "objective.selection": "random",
+                               "objective.distill_weight": 0.0},
+    REFERENCE_ROW: {},
     "contrastive ratio 0.00": {"objective.contrastive_mask_ratio": 0.0},
     "contrastive ratio 0.65": {"objective.contrastive_mask_ratio": 0.65},
     "without distillation": {"objective.distill_weight": 0.0},
     "random instead of guided": {"objective.selection": "random"},
+    # rows the paper does not report
+    "dual path 0.75, guided + distillation": {"objective.contrastive_mask_ratio": 0.75},
+    "probabilistic (in proportion to priority)": {"objective.selection": "probabilistic"},
+    "probabilistic, released code (softmax, T = 1)": {"objective.selection": "probabilistic_softmax",
+                                                      "objective.selection_temperature": 1.0},
+    "guided reconstruction mask": {"objective.rec_selection": "guided"},
+    "inverse-guided reconstruction mask": {"objective.rec_selection": "guided_inverse"},
 }
-PAPER = {  # (VGGSound A->V R@1, AS20K mAP)
+# The published (VGGSound A->V R@1, AS20K attention-probe mAP) of the rows the paper defines the same way.
+PAPER = {
     "single pass (CAV-MAE Sync)": (23.2, 30.5),
-    "dual path, both ratios 0.75": (27.4, 30.4),
-    "TG-DP: contrastive 0.50, guided": (30.3, 32.0),
+    "+ Dual-path (Both 75%)": (27.4, 30.4),
+    REFERENCE_ROW: (30.3, 32.0),
     "contrastive ratio 0.00": (29.8, 29.6),
     "contrastive ratio 0.65": (25.1, 30.5),
     "without distillation": (29.1, 30.5),
     "random instead of guided": (30.3, 30.2),
+}
+# The paper's future work (guided reconstruction masks): run with --rows, not by default.
+OPTIONAL_ROWS = ("guided reconstruction mask", "inverse-guided reconstruction mask")
+DEFAULT_ROWS = [name for name in ABLATION_ROWS if name not in OPTIONAL_ROWS]
+# Mask-ratio curricula of an ablation (issue 14), see ``with_curriculum``.
+CURRICULA = {
+    "equal": "every row ramps the mask ratio of the view its contrastive loss sees from 0 over the preset's "
+             "contrastive warm-up (single pass: its one view; dual path: the contrastive view)",
+    "none": "no row ramps a mask ratio: every view at its ratio from step 0",
+    "preset": "the preset's own: the dual-path rows' contrastive view ramps, the single pass does not",
 }
 
 
@@ -68,8 +89,12 @@ def benchmark_for(cfg: Config, probe_clips: int = 1000) -> Benchmark:
 
 
 def run_row(cfg: Config, out_dir: Path, bench: Benchmark) -> dict[str, float]:
-    """Train ``cfg`` into ``out_dir`` and evaluate it; cached in ``out_dir/results.json``."""
-    results = out_dir / "results.json"
+    """Train ``cfg`` into ``out_dir`` and evaluate it; cached in ``out_dir/results.json`` (a
+    folder that holds another config's run is an error, not a result)."""
+    results, saved = out_dir / "results.json", out_dir / "config.json"
+    if saved.exists() and Config.load(saved).to_dict() != cfg.to_dict():
+        raise ValueError(f"{out_dir} holds a run of another config (the row's definition or the recipe "
+                         "changed): remove that folder or choose another --out")
     if results.exists():
         return json.loads(results.read_text())
     start = time.perf_counter()
@@ -79,14 +104,30 @@ def run_row(cfg: Config, out_dir: Path, bench: Benchmark) -> dict[str, float]:
     metrics["train s"] = wall
     metrics["eval s"] = time.perf_counter() - start - wall
     metrics["contrastive loss"] = result.history[-1]["contrastive"] if result.history else math.nan
+    metrics.update(localisation(result.history, cfg.objective.score_direction))
     results.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def mean_std(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Per metric: mean, and standard deviation (key + " sd") over seeds."""
+def localisation(history: list[dict], direction: str) -> dict[str, float]:
+    """The last guidance probe of a run (diagnostics.py) in percent, for the run's score direction:
+    share of the priority's top half on the digit / on speech, of a random half, and the AUC."""
+    last = next((r for r in reversed(history) if f"probe/visual/{direction}/auc" in r), None)
+    if last is None:
+        return {}
     out = {}
-    for key in runs[0]:
+    for modality, content in (("visual", "digit"), ("audio", "speech")):
+        key = f"probe/{modality}/{direction}"
+        out[f"{modality} top-k on {content}"] = 100 * last[f"{key}/guided"]
+        out[f"{modality} random on {content}"] = 100 * last[f"{key}/random"]
+        out[f"{modality} AUC %"] = 100 * last[f"{key}/auc"]
+    return out
+
+
+def mean_std(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per metric that every run has: mean, and standard deviation (key + " sd") over seeds."""
+    out = {}
+    for key in [k for k in runs[0] if all(k in r for r in runs)]:
         values = [r[key] for r in runs]
         out[key] = statistics.fmean(values)
         out[key + " sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -100,6 +141,17 @@ def write_csv(path: Path, rows: dict[str, dict[str, float]]) -> None:
         writer.writerow(["row", *keys])
         for name, r in rows.items():
             writer.writerow([name, *(f"{r.get(k, math.nan):.4f}" for k in keys)])
+
+
+def write_seed_csv(path: Path, runs: dict[str, list[dict[str, float]]]) -> None:
+    """Every seed's metrics, one line per (row, seed): what the summary's means and intervals come from."""
+    keys = list(dict.fromkeys(k for seeds in runs.values() for r in seeds for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "seed", *keys])
+        for name, seeds in runs.items():
+            for s, r in enumerate(seeds):
+                writer.writerow([name, s, *(f"{r.get(k, math.nan):.4f}" for k in keys)])
 
 
 def with_method(base: Config, method: str, steps: int) -> Config:
@@ -121,11 +173,16 @@ def seeded(cfg: Config, seed: int) -> Config:
 
 
 def table_with_sd(rows: dict[str, dict[str, float]], columns: tuple[str, ...]) -> str:
-    """Markdown table of mean +- sd for ``columns`` (rows from ``mean_std``)."""
+    """Markdown table of mean ± sd for ``columns`` (rows from ``mean_std``); a column without an
+    sd (the paper's numbers) shows its value, a missing or NaN value "-"."""
     head = "| row | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     body = ""
     for name, r in rows.items():
-        cells = [f"{r[c]:.1f} ± {r[c + ' sd']:.1f}" if c in r else "-" for c in columns]
+        cells = []
+        for c in columns:
+            value = r.get(c, math.nan)
+            cells.append("-" if math.isnan(value) else f"{value:.1f} ± {r[c + ' sd']:.1f}" if c + " sd" in r
+                         else f"{value:.1f}")
         body += f"| {name} | " + " | ".join(cells) + " |\n"
     return head + body
 
@@ -192,34 +249,160 @@ def _timed(phases: dict[str, float], name: str):
 
 
 # ---------------------------------------------------------------------- ablation
-ABLATION_STEPS = 400  # steps per row at --budget 1, the tiny preset's run (7 rows x 3 seeds: about 80 min on 2 CPU cores)
+# Steps per row at --budget 1: the tiny preset's run. A TG-DP row takes about 3.5 min per seed on
+# 2 quiet CPU cores (README: the seven paper rows x 3 seeds took 79 min), a single-pass row less.
+ABLATION_STEPS = 400
+TABLE_COLUMNS = ("A->V R@1", "V->A R@1", "A->V pair P@1", "V->A pair P@1", "mAP", "train s")
+DIFF_METRICS = ("A->V R@1", "V->A R@1", "A->V pair P@1", "V->A pair P@1", "mAP")
+PROBE_COLUMNS = ("visual top-k on digit", "visual random on digit", "visual AUC %",
+                 "audio top-k on speech", "audio random on speech", "audio AUC %")
+
+
+def with_curriculum(cfg: Config, curriculum: str) -> Config:
+    """A row's config (after ``with_method``) with one of the ``CURRICULA``.
+
+    The ramp of "equal" is the preset's contrastive warm-up, the same share of every run length
+    (tiny: 250 of 400 steps). The guidance warm-up (``teacher.guidance_warmup_fraction``) is no
+    mask-ratio curriculum and stays as the preset has it under all three.
+    """
+    if curriculum not in CURRICULA:
+        raise ValueError(f"unknown curriculum {curriculum!r}; valid: {', '.join(CURRICULA)}")
+    cfg = Config.from_dict(cfg.to_dict())
+    o = cfg.objective
+    if curriculum == "none":
+        o.contrastive_mask_warmup_fraction = o.single_pass_mask_warmup_fraction = 0.0
+    elif curriculum == "equal":
+        o.single_pass_mask_warmup_fraction = 0.0 if cfg.method == "tgdp" else o.contrastive_mask_warmup_fraction
+    cfg.validate()
+    return cfg
+
+
+def row_config(base: Config, name: str, steps: int, curriculum: str) -> Config:
+    """The config of ablation row ``name``: ``base``'s recipe, the row's overrides, the curriculum."""
+    overrides = dict(ABLATION_ROWS[name])
+    cfg = with_method(base, overrides.pop("method", "tgdp"), steps)
+    return with_curriculum(cfg.override(*(f"{k}={v}" for k, v in overrides.items())), curriculum)
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and its two-sided Student-t interval at ``level`` (NaN bounds below 2 values)."""
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t.ppf((1 + level) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def paired_differences(runs: dict[str, list[dict[str, float]]], reference: str,
+                       metrics: tuple[str, ...] = DIFF_METRICS) -> dict[str, dict[str, float]]:
+    """Per row and metric: the mean over seeds of (row - ``reference``) on the same seed, and its
+    95 % t interval, as "<metric> diff", "<metric> diff lo", "<metric> diff hi". ``runs``: {row:
+    per-seed metrics, seed 0 first}; rows share seeds (same initialisation and data order), so
+    the differences cancel what a seed does to every row."""
+    ref = runs[reference]
+    out = {}
+    for name, seeds in runs.items():
+        if len(seeds) != len(ref):
+            raise ValueError(f"row {name!r} has {len(seeds)} seeds, {reference!r} {len(ref)}: pair them seed by seed")
+        row = {}
+        for m in metrics:
+            mean, lo, hi = t_interval([r[m] - q[m] for r, q in zip(seeds, ref)])
+            row.update({f"{m} diff": mean, f"{m} diff lo": lo, f"{m} diff hi": hi})
+        out[name] = row
+    return out
+
+
+def summarise(runs: dict[str, list[dict[str, float]]], reference: str = REFERENCE_ROW) -> dict[str, dict[str, float]]:
+    """One record per row: mean and sd of every metric, paired differences against ``reference``,
+    the seed count and the paper's numbers where the paper defines the row the same way (else NaN)."""
+    diffs = paired_differences(runs, reference)
+    summary = {}
+    for name, seeds in runs.items():
+        paper = PAPER.get(name, (math.nan, math.nan))
+        summary[name] = {**mean_std(seeds), **diffs[name], "seeds": len(seeds),
+                         "paper VGGSound A->V R@1": paper[0], "paper AS20K mAP": paper[1]}
+    return summary
+
+
+def ablation_markdown(summary: dict[str, dict[str, float]], header: str, reference: str = REFERENCE_ROW) -> str:
+    """The ablation's tables: mean ± sd beside the paper, paired differences with their
+    intervals (bold where the interval excludes 0), and the teacher's localisation."""
+    table = table_with_sd(summary, TABLE_COLUMNS + ("paper VGGSound A->V R@1", "paper AS20K mAP"))
+    ref = summary[reference]
+    lines = [f"| row | {' | '.join('Δ ' + m for m in DIFF_METRICS)} | paper Δ A->V R@1 | paper Δ mAP |",
+             "|---|" + "---|" * (len(DIFF_METRICS) + 2)]
+    for name, r in summary.items():
+        if name == reference:
+            continue
+        cells = [_interval_cell(r[f"{m} diff"], r[f"{m} diff lo"], r[f"{m} diff hi"]) for m in DIFF_METRICS]
+        paper = [r[k] - ref[k] for k in ("paper VGGSound A->V R@1", "paper AS20K mAP")]
+        lines.append(f"| {name} | " + " | ".join(cells + [_number(x, "+.1f") for x in paper]) + " |")
+    n = int(ref["seeds"])
+    text = (f"{header}\n\n{table}\nPaired differences against {reference!r}, same seed: mean [95 % t interval] "
+            f"over {n} seed(s); **bold**: the interval excludes 0.\n\n" + "\n".join(lines) + "\n")
+    if all(c in r for r in summary.values() for c in PROBE_COLUMNS):
+        text += ("\nThe teacher's localisation at the last step (student's encoder without a teacher; the row's "
+                 "score direction; top-k keeps half the tokens; AUC of the priority against the relevance mask):\n\n"
+                 + table_with_sd(summary, PROBE_COLUMNS))
+    return text
+
+
+def _interval_cell(mean: float, lo: float, hi: float) -> str:
+    if math.isnan(lo):
+        return f"{mean:+.1f}"
+    cell = f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    return f"**{cell}**" if lo > 0 or hi < 0 else cell
+
+
+def _number(x: float, spec: str) -> str:
+    return "-" if math.isnan(x) else format(x, spec)
 
 
 def ablate(out: str | Path = "runs/ablate", budget: float = 1.0, seeds: int = 3, probe_clips: int = 1000,
-           rows: list[str] | None = None, cfg: Config | None = None) -> dict[str, dict[str, float]]:
-    """The paper's ablation rows on AV-Digits: mean and sd over ``seeds`` seeds per row."""
+           rows: list[str] | None = None, cfg: Config | None = None, curriculum: str = "equal") -> dict[str, dict[str, float]]:
+    """The ablation rows on AV-Digits under one of the ``CURRICULA``, ``seeds`` seeds each.
+
+    ``rows``: names from ``ABLATION_ROWS`` (default ``DEFAULT_ROWS``); the TG-DP row is always
+    run, the reference of the paired differences. Writes ``ablation-<curriculum>.md`` (the
+    tables), ``.csv`` (``summarise``), ``-seeds.csv`` (every seed's metrics) and two plots
+    into ``out``; runs go to ``out/curriculum-<curriculum>/steps<N>/<row>/seed<k>``.
+    """
     out = Path(out)
-    base = resolve_data(cfg or Config.preset("tiny"))
-    steps = max(1, int(round(ABLATION_STEPS * budget)))
-    bench = benchmark_for(base, probe_clips)
-    names = rows or list(ABLATION_ROWS)
+    names = list(dict.fromkeys([REFERENCE_ROW, *(rows or DEFAULT_ROWS)]))
     unknown = [n for n in names if n not in ABLATION_ROWS]
     if unknown:
         raise ValueError(f"unknown ablation rows {unknown}; valid: {list(ABLATION_ROWS)}")
-    summary = {}
+    if curriculum not in CURRICULA:
+        raise ValueError(f"unknown curriculum {curriculum!r}; valid: {', '.join(CURRICULA)}")
+    base = resolve_data(cfg or Config.preset("tiny"))
+    steps = max(1, int(round(ABLATION_STEPS * budget)))
+    bench = benchmark_for(base, probe_clips)
+    runs = {}
     for name in names:
-        overrides = dict(ABLATION_ROWS[name])
-        row_cfg = with_method(base, overrides.pop("method", "tgdp"), steps).override(
-            *(f"{k}={v}" for k, v in overrides.items()))
-        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-        runs = [run_row(seeded(row_cfg, s), out / f"steps{steps}" / slug / f"seed{s}", bench) for s in range(seeds)]
-        summary[name] = mean_std(runs)
-    columns = ("A->V R@1", "V->A R@1", "A->V pair P@1", "V->A pair P@1", "mAP", "train s")
-    table = table_with_sd(summary, columns)
-    paper = "| row | paper VGGSound A->V R@1 | paper AS20K mAP |\n|---|---|---|\n" + "".join(
-        f"| {n} | {PAPER[n][0]} | {PAPER[n][1]} |\n" for n in names)
-    header = f"AV-Digits, tiny preset, {steps} steps per row, {seeds} seed(s), mean ± sd\n\n"
-    (out / "ablation.md").write_text(header + table + "\n" + paper)
-    write_csv(out / "ablation.csv", summary)
-    plot_ablation(summary, {n: PAPER[n] for n in names}).savefig(out / "ablation.png", dpi=110, bbox_inches="tight")
+        row_cfg = row_config(base, name, steps, curriculum)
+        folder = out / f"curriculum-{curriculum}" / f"steps{steps}" / slug(name)
+        runs[name] = [run_row(seeded(row_cfg, s), folder / f"seed{s}", bench) for s in range(seeds)]
+    summary = summarise(runs)
+    header = (f"AV-Digits, {base.preset_name} preset, {steps} steps per row, seeds 0-{seeds - 1}, curriculum "
+              f"{curriculum!r} ({CURRICULA[curriculum]}); mean ± sd")
+    write_ablation(out, curriculum, summary, runs, header)
     return summary
+
+
+def slug(name: str) -> str:
+    """A row's folder name: lower case, runs of other characters as one dash."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def write_ablation(out: Path, curriculum: str, summary: dict, runs: dict, header: str) -> None:
+    """The files of one ablation: ablation-<curriculum>.md, .csv, -seeds.csv, .png, -deltas.png."""
+    stem = out / f"ablation-{curriculum}"
+    out.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.md").write_text(ablation_markdown(summary, header))
+    write_csv(Path(f"{stem}.csv"), summary)
+    write_seed_csv(Path(f"{stem}-seeds.csv"), runs)
+    paper = {n: PAPER.get(n, (math.nan, math.nan)) for n in summary}
+    plot_ablation(summary, paper).savefig(f"{stem}.png", dpi=110, bbox_inches="tight")
+    plot_ablation_deltas(summary, paper, REFERENCE_ROW).savefig(f"{stem}-deltas.png", dpi=110, bbox_inches="tight")

@@ -82,6 +82,12 @@ def test_ablation_rows_are_config_overrides_with_paired_seeds(tmp_path, small_cf
         experiments.ablate(tmp_path, budget=2 / experiments.ABLATION_STEPS, seeds=2, probe_clips=12, rows=names, cfg=small_cfg)
     with pytest.raises(ValueError, match="unknown ablation rows"):
         experiments.ablate(tmp_path, rows=["nope"], cfg=small_cfg)
+    asked = []  # --rows all: every row, the optional ones too, the reference first
+    monkeypatch.setattr(experiments, "run_row", lambda cfg, folder, bench: asked.append(folder.parent.name) or {})
+    monkeypatch.setattr(experiments, "summarise", lambda runs: {})
+    monkeypatch.setattr(experiments, "write_ablation", lambda *a: None)
+    experiments.ablate(tmp_path / "all", seeds=1, probe_clips=12, rows=["all"], cfg=small_cfg, curriculum="none")
+    assert asked == [experiments.slug(n) for n in [reference, *(n for n in experiments.ABLATION_ROWS if n != reference)]]
     with pytest.raises(ValueError, match="unknown curriculum 'half'; valid: equal, none, preset"):
         experiments.ablate(tmp_path, cfg=small_cfg, curriculum="half")
 

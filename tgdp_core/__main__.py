@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=1.0,
                    help="scales the steps per row (1 = 400: about 3.5 min per TG-DP row and seed on 2 CPU cores)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (3 to 5 for the intervals; default 3)")
-    p.add_argument("--rows", nargs="*", help="rows by name (default: all but the guided reconstruction rows); "
-                   "the TG-DP row always runs")
+    p.add_argument("--rows", nargs="*", help="rows by name, or 'all' (default: all but the guided reconstruction "
+                   "rows); the TG-DP row always runs")
     p.add_argument("--curriculum", default="equal",  # checked by experiments.ablate (its CURRICULA)
                    help="mask-ratio ramps: equal (every row ramps the view its contrastive loss sees; default), "
                         "none (no ramp), preset (the tiny preset's: only the dual-path rows ramp)")

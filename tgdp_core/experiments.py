@@ -364,13 +364,14 @@ def ablate(out: str | Path = "runs/ablate", budget: float = 1.0, seeds: int = 3,
            rows: list[str] | None = None, cfg: Config | None = None, curriculum: str = "equal") -> dict[str, dict[str, float]]:
     """The ablation rows on AV-Digits under one of the ``CURRICULA``, ``seeds`` seeds each.
 
-    ``rows``: names from ``ABLATION_ROWS`` (default ``DEFAULT_ROWS``); the TG-DP row is always
-    run, the reference of the paired differences. Writes ``ablation-<curriculum>.md`` (the
+    ``rows``: names from ``ABLATION_ROWS`` (default ``DEFAULT_ROWS``; ``["all"]``: every row, the
+    optional ones too); the TG-DP row is always run, the reference of the paired differences. Writes ``ablation-<curriculum>.md`` (the
     tables), ``.csv`` (``summarise``), ``-seeds.csv`` (every seed's metrics) and two plots
     into ``out``; runs go to ``out/curriculum-<curriculum>/steps<N>/<row>/seed<k>``.
     """
     out = Path(out)
-    names = list(dict.fromkeys([REFERENCE_ROW, *(rows or DEFAULT_ROWS)]))
+    wanted = list(ABLATION_ROWS) if rows == ["all"] else rows or DEFAULT_ROWS
+    names = list(dict.fromkeys([REFERENCE_ROW, *wanted]))
     unknown = [n for n in names if n not in ABLATION_ROWS]
     if unknown:
         raise ValueError(f"unknown ablation rows {unknown}; valid: {list(ABLATION_ROWS)}")

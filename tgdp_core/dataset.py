@@ -349,7 +349,35 @@ class StepSampler(Sampler):
             yield self.batch_at(step)
 
 
-def train_loader(dataset: AVDataset, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+def train_data(cfg: Config):
+    """The training set ``cfg.data`` names: a ``shardset.ShardTrainSet`` for data.train_shards,
+    else an ``AVDataset`` of data.train_manifest."""
+    if cfg.data.train_shards:
+        from .shardset import ShardTrainSet
+
+        return ShardTrainSet(cfg.data.train_shards, cfg)
+    return AVDataset(cfg.data.train_manifest, cfg, train=True)
+
+
+def eval_data(source: str | Path, cfg: Config):
+    """Evaluation items of a manifest or of shards (``shards.is_shard_spec``): every frame of each
+    clip with its segment (``AVDataset(train=False)`` or ``shardset.ShardEvalSet``)."""
+    from .shards import is_shard_spec
+
+    if is_shard_spec(source):
+        from .shardset import ShardEvalSet
+
+        return ShardEvalSet(source, cfg)
+    return AVDataset(source, cfg, train=False)
+
+
+def train_loader(dataset, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """This rank's batches for steps start_step .. train.steps - 1, of an ``AVDataset`` (``StepSampler``)
+    or of a ``ShardTrainSet`` (``shardset.shard_train_loader``)."""
+    from .shardset import ShardTrainSet, shard_train_loader
+
+    if isinstance(dataset, ShardTrainSet):
+        return shard_train_loader(dataset, cfg, start_step, rank, world)
     sampler = StepSampler(len(dataset), cfg.data.frames_per_clip, cfg.train.batch_size, cfg.train.seed,
                           start_step, cfg.train.steps, rank, world)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
@@ -358,3 +386,55 @@ def train_loader(dataset: AVDataset, cfg: Config, start_step: int = 0, rank: int
 
 def eval_loader(dataset: AVDataset, batch_size: int = 16, workers: int = 0) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+# ---------------------------------------------------------------------- choosing evaluation clips
+def first_per_class(labels: list[tuple[str, ...]], per_class: int) -> list[int]:
+    """Indices of the first ``per_class`` clips of each label, in the given (manifest) order: the
+    union over labels, so a clip with several labels counts for each of them (VGGSound's clips
+    have one: the official `vgg_partition_test_5_per_class` is the first 5 of each class)."""
+    taken: dict[str, int] = {}
+    chosen = []
+    for n, clip_labels in enumerate(labels):
+        wanted = [mid for mid in clip_labels if taken.get(mid, 0) < per_class]
+        for mid in wanted:
+            taken[mid] = taken.get(mid, 0) + 1
+        if wanted:
+            chosen.append(n)
+    return chosen
+
+
+def choose_clips(dataset, per_class: int = 0, max_clips: int = 0):
+    """(the evaluation set restricted to the first ``per_class`` clips of each label, then to the
+    first ``max_clips`` of those, in manifest order; the chosen clips' video ids). 0 = no limit.
+
+    ``dataset``: an ``AVDataset(train=False)`` (-> a Subset of it) or a ``ShardEvalSet``.
+    """
+    from .shardset import ShardEvalSet
+
+    if isinstance(dataset, ShardEvalSet):
+        table = dataset.manifest_order()  # (position, video id, labels)
+    else:
+        table = [(i, dataset.clips[n].video_id, dataset.clips[n].labels) for i, n in enumerate(dataset.valid)]
+    rows = list(range(len(table)))
+    if per_class:
+        rows = first_per_class([table[r][2] for r in rows], per_class)
+    if max_clips:
+        rows = rows[:max_clips]
+    if not rows:
+        raise ValueError(f"no clips chosen (per_class={per_class}, max_clips={max_clips}): do the clips carry labels?")
+    ids = [table[r][1] for r in rows]
+    if isinstance(dataset, ShardEvalSet):
+        return dataset.subset([table[r][0] for r in rows]), ids
+    return torch.utils.data.Subset(dataset, [table[r][0] for r in rows]), ids
+
+
+def clip_ids(dataset, indices: torch.Tensor) -> list[str]:
+    """The video ids of evaluation items by their "index" (a clip's manifest position)."""
+    base = getattr(dataset, "dataset", dataset)  # a Subset's dataset
+    from .shardset import ShardEvalSet
+
+    if isinstance(base, ShardEvalSet):
+        by_position = dict(zip(base.positions, base.video_ids))
+        return [by_position[int(i)] for i in indices]
+    return [base.clips[int(i)].video_id for i in indices]

@@ -138,9 +138,13 @@ class ClipReader:
         self.d, self.m = cfg.data, cfg.model
 
     def fbank(self, clip: Clip) -> torch.Tensor:
+        return self.fbank_segment(clip, 0, self.d.clip_frames)
+
+    def fbank_segment(self, clip: Clip, start: int, length: int) -> torch.Tensor:
+        """Rows [start, start + length) of the clip's fbank, computing only those (media.fbank_segment)."""
         wave = media.read_audio(clip.wav, self.d.sample_rate)
-        return media.fbank(wave, self.d.sample_rate, self.m.mel_bins, self.d.clip_frames,
-                           mean=self.d.fbank_mean, std=self.d.fbank_std)
+        return media.fbank_segment(wave, start, length, self.d.sample_rate, self.m.mel_bins, self.d.clip_frames,
+                                   mean=self.d.fbank_mean, std=self.d.fbank_std)
 
     def frame(self, clip: Clip, i: int) -> np.ndarray:
         return media.load_frame(clip.frame_path(i), self.m.image_size)
@@ -261,10 +265,12 @@ class AVDataset(Dataset):
     def __len__(self) -> int:
         return len(self.valid)
 
-    def _fbank(self, n: int) -> torch.Tensor:
+    def _fbank(self, n: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """(end - start, F) rows of clip n's fbank: read from the cache, or computed for those rows alone."""
+        end = self.cfg.data.clip_frames if end is None else end
         if self.cache is not None:
-            return torch.from_numpy(np.asarray(self.cache.fbank[n], dtype=np.float32))
-        return self.reader.fbank(self.clips[n])
+            return torch.from_numpy(np.asarray(self.cache.fbank[n, start:end], dtype=np.float32))
+        return self.reader.fbank_segment(self.clips[n], start, end - start)
 
     def _frame(self, n: int, i: int) -> np.ndarray:
         return np.asarray(self.cache.frames[n, i]) if self.cache is not None else self.reader.frame(self.clips[n], i)
@@ -278,7 +284,7 @@ class AVDataset(Dataset):
             image = torch.from_numpy(self._frame(n, frame).copy())  # (S, S, 3) uint8
             if d.visual_augment:
                 image = random_resized_crop_flip(image, torch.Generator().manual_seed(seed))
-            return {"fbank": self._fbank(n)[start:end], "frames": media.normalize_frames(image),
+            return {"fbank": self._fbank(n, start, end), "frames": media.normalize_frames(image),
                     "labels": self.labels[n], "index": torch.tensor(n), "frame": torch.tensor(frame)}
         n = self.valid[item]
         fbank = self._fbank(n)

@@ -152,12 +152,7 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 def load_frame(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """An image file as uint8 RGB (image_size, image_size, 3): bicubic resize + centre crop."""
     _check_file(path)
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")  # forces the decode, so truncated files fail here
-    except (OSError, Image.DecompressionBombError) as err:
-        raise MediaError(path, f"unreadable or corrupt image: {err}") from None
-    return np.asarray(resize_center_crop(rgb, image_size))
+    return decode_frame(Path(path).read_bytes(), image_size, name=str(path))
 
 
 def decode_frame(data: bytes, image_size: int, name: str = "image bytes") -> np.ndarray:
@@ -206,10 +201,13 @@ def normalize_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     frames = torch.as_tensor(frames)
     if frames.dtype != torch.uint8 or frames.ndim < 3 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames of shape (..., H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-    x = frames.movedim(-1, -3).float() / 255.0  # (..., 3, H, W)
+    # Channels first while still uint8 (a quarter of the bytes to move), then one float pass and
+    # two in-place ones: (x / 255 - mean) / std = x * (1 / (255 std)) - mean / std. A quarter of
+    # the time of the direct form on one core (issue 13: the per-sample path of the loaders).
+    x = frames.movedim(-1, -3).contiguous().float()  # (..., 3, H, W)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    return x.mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
 # ------------------------------------------------------------------------ clip extraction

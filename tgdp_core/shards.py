@@ -73,7 +73,7 @@ INDEX = "index.json"
 DEFAULT_SHARD_SIZE = 1000
 ORDER_SEED = 0  # the clip order's shuffle (the official writer fixes its seed too)
 AUDIO_FORMATS = ("wav", "flac")
-TAR_MTIME = 0.0  # fixed member times: the same clips give the same bytes (resume rewrites a shard identically)
+TAR_MTIME = 0  # fixed member times (an int: a float mtime makes tarfile add a PAX header to every member): the same clips give the same bytes (resume rewrites a shard identically)
 SHOWN_REJECTS = 20
 
 

@@ -353,6 +353,9 @@ def test_shard_eval_and_embed_commands(tmp_path, capsys):
         assert run_cli("eval", path, source, "--per-class", "2", "--max-clips", "3", "--out", out) == 0
         assert "A->V R@1" in capsys.readouterr().out
         assert out.with_suffix(".clips.txt").read_text().split() == ["clip0", "clip1", "clip2"]
+    out = tmp_path / "m-config.json"  # the test clips from the config: data.test_shards
+    assert run_cli("eval", path, f"--data.test_shards={tmp_path / 'sh'}", "--out", out) == 0
+    assert sorted(out.with_suffix(".clips.txt").read_text().split()) == [f"clip{k}" for k in range(6)]
     for flag, encoder in (("--clips", model.encoder), ("--teacher", teacher.encoder)):
         out = tmp_path / f"emb{flag}.safetensors"
         argv = ["embed", path, tmp_path / "sh", out] + (["--teacher"] if flag == "--teacher" else [])

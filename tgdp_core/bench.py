@@ -470,7 +470,8 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.loaders:
         from . import loadbench
 
-        report = loadbench.run(args.loader_clips, args.loader_samples, repeats=args.loader_repeats)
+        report = loadbench.run(args.loader_clips, args.loader_samples, repeats=args.loader_repeats,
+                               machine=_machine("cpu"))
         text = loadbench.markdown(report)
     else:
         report = run(args.preset, _split(args.methods), args.batch, args.steps, args.warmup, args.device,

@@ -42,7 +42,7 @@ from . import media, shards
 from .config import Config
 from .dataset import AVDataset, train_loader
 from .flops import step_flops
-from .shardset import ShardTrainSet
+from .shardset import ShardTrainSet, ShardReader
 
 H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA H200 datasheet: 1,979 TFLOPS bf16 with sparsity, half of it dense
 GPU_SHARE = 0.40  # the step runs at 40 % of that peak (the issue's assumption)
@@ -169,6 +169,14 @@ def stages(manifest: Path, folders: dict[str, Path], cfg: Config) -> dict[str, f
     np.save(npy, full.numpy().astype(np.float16))
     frame = media.decode_frame(jpeg, m.image_size)
 
+    source = shards.open_shards(folders["shards"])
+    reader = ShardReader(source, cfg, use_fbank=False)
+    shard = source.shards[0]
+
+    def read_shard() -> int:  # what the training path reads: the JSON, the audio, one frame
+        wanted = {"json", "wav", "frame_03.jpg"}
+        return sum(1 for _ in reader.read(shard.path, shard.samples, lambda key, suffix: suffix in wanted))
+
     def pil() -> np.ndarray:
         with Image.open(io.BytesIO(jpeg)) as image:
             return np.asarray(image.convert("RGB"))
@@ -185,6 +193,8 @@ def stages(manifest: Path, folders: dict[str, Path], cfg: Config) -> dict[str, f
         "stored fbank load (npy, float16 -> float32)": median_ms(
             lambda: np.load(io.BytesIO(npy.getvalue())).astype(np.float32)),
         "normalise one frame": median_ms(lambda: media.normalize_frames(frame)),
+        f"read one sample's members from a shard ({d.frames_per_clip + 2} in the tar)":
+            median_ms(read_shard, 5) / shard.samples,
     }
 
 
@@ -213,8 +223,9 @@ def h200_workers(samples_per_s: dict[str, float]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the run
-def run(clips: int = 64, samples: int = 256, batch: int = 16, repeats: int = 3) -> dict[str, Any]:
-    """Every measurement; ``samples`` timed per path (plus one warm-up batch), the best of ``repeats``."""
+def run(clips: int = 64, samples: int = 256, batch: int = 16, repeats: int = 3, machine: str = "") -> dict[str, Any]:
+    """Every measurement; ``samples`` timed per path (plus one warm-up batch), the best of ``repeats``.
+    ``machine`` names the CPU in the report (the bench command passes it)."""
     cfg = Config.preset("base", data={"workers": 0})
     cfg.train.batch_size = batch
     cfg.train.steps = 1 + -(-samples // batch)
@@ -232,7 +243,7 @@ def run(clips: int = 64, samples: int = 256, batch: int = 16, repeats: int = 3) 
         report = {"setup": {"clips": clips, "batch": batch, "timed_samples": rates["cache"]["samples"],
                             "image_size": cfg.model.image_size, "frames_per_clip": cfg.data.frames_per_clip,
                             "clip_frames": cfg.data.clip_frames, "segment_frames": cfg.model.audio_frames,
-                            "repeats": repeats, "threads": 1, "machine": _machine(),
+                            "repeats": repeats, "threads": 1, "machine": machine or "this CPU",
                             "load_average": _load_average()},
                   "paths": rates, "stages_ms": _one_thread(lambda: stages(manifest, folders, cfg)),
                   "bytes_per_clip": clip_bytes(manifest, folders, cfg, clips)}
@@ -247,12 +258,6 @@ def _load_average() -> list[float]:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     except OSError:
         return []
-
-
-def _machine() -> str:
-    from .bench import _machine as machine
-
-    return machine("cpu")
 
 
 def markdown(report: dict) -> str:

@@ -89,7 +89,7 @@ def _decode_audio(source, name: str | os.PathLike, sample_rate: int) -> torch.Te
         raise MediaError(name, "audio file is empty (0 samples)")
     if not np.isfinite(data).all():
         raise MediaError(name, "audio contains NaN or infinite samples")
-    waveform = torch.from_numpy(data.mean(axis=1))  # (T,)
+    waveform = torch.from_numpy(data[:, 0] if data.shape[1] == 1 else data.mean(axis=1))  # (T,); mono as it is
     if rate != sample_rate:
         waveform = torchaudio.functional.resample(waveform, rate, sample_rate)
     return waveform

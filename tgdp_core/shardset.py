@@ -83,7 +83,7 @@ def _key_hash(key: str) -> int:
 
 
 # ---------------------------------------------------------------------- reading one shard
-class _ShardReader:
+class ShardReader:
     """Raw samples of shards ({"__key__", suffix: bytes, "__shard__"}) with only the wanted members
     read, every sample checked for its JSON, audio and frames; errors per data.on_error."""
 
@@ -289,7 +289,7 @@ class ShardTrainSet(IterableDataset):
 
     def _stream(self, slot: int, slots: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         """The slot's decoded samples over epochs 0, 1, ..., from its ``skip``-th sample on."""
-        reader = _ShardReader(self.source, self.cfg, self.decoder.use_fbank)
+        reader = ShardReader(self.source, self.cfg, self.decoder.use_fbank)
         for epoch in count():
             shards = self.slot_shards(epoch, slot, slots)
             total = sum(self.source.shards[i].samples for i in shards)
@@ -307,7 +307,7 @@ class ShardTrainSet(IterableDataset):
                                  f"(shards {[self.source.shards[i].path.name for i in shards]})")
             skip = 0
 
-    def _epoch(self, reader: _ShardReader, epoch: int, slot: int, shards: list[int], skip: int) -> Iterator[dict]:
+    def _epoch(self, reader: ShardReader, epoch: int, slot: int, shards: list[int], skip: int) -> Iterator[dict]:
         """Raw samples of one epoch of a slot, through the shuffle window, from output ``skip`` on."""
         first_window = skip // self.window
         raw = self._raw(reader, epoch, shards, start=first_window * self.window)
@@ -321,7 +321,7 @@ class ShardTrainSet(IterableDataset):
             for j in order[begin:]:
                 yield window[j]
 
-    def _raw(self, reader: _ShardReader, epoch: int, shards: list[int], start: int) -> Iterator[dict]:
+    def _raw(self, reader: ShardReader, epoch: int, shards: list[int], start: int) -> Iterator[dict]:
         """Raw samples of the epoch's shards from input position ``start`` (whole shards before it unread)."""
         frames: dict[str, str] = {}
 
@@ -339,7 +339,7 @@ class ShardTrainSet(IterableDataset):
             yield from reader.read(shard.path, shard.samples, wanted, skip=start)
             start = 0
 
-    def _item(self, reader: _ShardReader, raw: dict, epoch: int) -> dict[str, torch.Tensor] | None:
+    def _item(self, reader: ShardReader, raw: dict, epoch: int) -> dict[str, torch.Tensor] | None:
         """The training item of a raw sample, or None when it is skipped (data.on_error=skip)."""
         d, T = self.cfg.data, self.cfg.model.audio_frames
         key = raw["__key__"]
@@ -413,7 +413,7 @@ class ShardEvalSet(IterableDataset):
         info = get_worker_info()
         if info is not None and info.num_workers > 1:
             raise RuntimeError("ShardEvalSet reads its shards in one process: use a loader with workers=0 or 1")
-        reader = _ShardReader(self.source, self.cfg, self.decoder.use_fbank)
+        reader = ShardReader(self.source, self.cfg, self.decoder.use_fbank)
         wanted_keys: dict[Path, set[str]] = {}
         for c in self.entries:
             wanted_keys.setdefault(c["shard"], set()).add(c["key"])
@@ -427,7 +427,7 @@ class ShardEvalSet(IterableDataset):
                     if item is not None:
                         yield item
 
-    def _item(self, reader: _ShardReader, raw: dict) -> dict[str, torch.Tensor] | None:
+    def _item(self, reader: ShardReader, raw: dict) -> dict[str, torch.Tensor] | None:
         d, T = self.cfg.data, self.cfg.model.audio_frames
         K = d.frames_per_clip
         try:

@@ -353,6 +353,8 @@ def test_shard_eval_and_embed_commands(tmp_path, capsys):
         assert run_cli("eval", path, source, "--per-class", "2", "--max-clips", "3", "--out", out) == 0
         assert "A->V R@1" in capsys.readouterr().out
         assert out.with_suffix(".clips.txt").read_text().split() == ["clip0", "clip1", "clip2"]
+    assert run_cli("probe", path, tmp_path / "sh", tmp_path / "sh", "--kind", "knn", "--no-cache") == 0
+    assert "| knn both |" in capsys.readouterr().out  # probes read shards too
     out = tmp_path / "m-config.json"  # the test clips from the config: data.test_shards
     assert run_cli("eval", path, f"--data.test_shards={tmp_path / 'sh'}", "--out", out) == 0
     assert sorted(out.with_suffix(".clips.txt").read_text().split()) == [f"clip{k}" for k in range(6)]

@@ -82,9 +82,13 @@ def read_label_csv(path: str | Path) -> tuple[dict[str, int], list[str]]:
 
 
 def label_csv_for(cfg: Config, manifest: str | Path) -> Path | None:
-    """The configured label CSV, else ``labels.csv`` beside the manifest, else None."""
+    """The configured label CSV, else ``labels.csv`` beside the manifest (in the folder of shards), else None."""
     if cfg.data.label_csv:
         return Path(cfg.data.label_csv)
+    from .shards import is_shard_spec, open_shards
+
+    if is_shard_spec(manifest):
+        return open_shards(manifest).label_csv
     beside = Path(manifest).parent / "labels.csv"
     return beside if beside.exists() else None
 

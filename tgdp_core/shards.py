@@ -351,7 +351,12 @@ def is_shard_spec(spec: str | Path) -> bool:
     if text.endswith(".tar") or "{" in text:
         return True
     path = Path(text)
-    return (path.is_dir() and (path / INDEX).is_file()) or path.name == INDEX
+    if path.is_dir():
+        path = path / INDEX
+    if path.name != INDEX or not path.is_file():
+        return False
+    with open(path, "rb") as f:  # a manifest could be called index.json too: look for the shard format
+        return f'"format": "{FORMAT}"'.encode() in f.read(256)
 
 
 def open_shards(spec: str | Path) -> ShardSource:

@@ -405,3 +405,12 @@ def test_prepare_with_shards(tmp_path, capsys):
     assert sorted(c["video_id"] for c in source.clips()) == ["cat1", "dog1"]
     with open(tmp_path / "out" / "rejects.csv", newline="") as f:  # prepare's own rejects, as before
         assert [row[0] for row in csv.reader(f)][1:] == [str(tmp_path / "videos" / "cat" / "empty.mp4")]
+
+
+def test_parallel_writing_gives_the_same_shards(tmp_path):
+    write(tmp_path, n=7, shard_size=3, name="one")
+    manifest = tmp_path / "data" / "train.json"
+    shards.write_shards(manifest, tmp_path / "two", tiny(), shard_size=3, workers=2)  # spawned processes
+    one, two = (sorted((tmp_path / n).glob("shard-*")) for n in ("one", "two"))
+    assert [p.name for p in one] == [p.name for p in two]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))

@@ -133,7 +133,7 @@ class DataConfig:
     train_shards: str = ""
     test_shards: str = ""
     # Shuffle window of the shard loader, in samples: each worker permutes this many consecutive
-    # samples of its shards at a time. 1,000 as webdataset's examples (open_clip uses 5,000);
+    # samples of its shards at a time. 1,000: webdataset's shuffle default (open_clip uses 5,000);
     # memory: about 0.35 MB per sample at base (wav + one JPEG), per worker.
     shuffle_buffer: int = 1000
     label_csv: str = ""

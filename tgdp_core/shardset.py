@@ -46,7 +46,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import tarfile
 import zlib
 from itertools import count, islice
@@ -176,7 +175,7 @@ class _Decoder:
     """Audio features, frames and labels of raw samples, at the run's settings."""
 
     def __init__(self, source: ShardSource, cfg: Config):
-        d, m = cfg.data, cfg.model
+        d = cfg.data
         self.cfg, self.source = cfg, source
         settings = source.settings
         if settings["frames_per_clip"] != d.frames_per_clip:
@@ -187,7 +186,9 @@ class _Decoder:
             log.warning("%s: the stored fbank was made with %s, this run uses %s: computing it from the audio",
                         source.folder, settings["fbank"], fbank_settings(cfg))
         self.audio = settings["audio_format"]
-        assert self.audio in AUDIO_FORMATS, self.audio
+        if self.audio not in AUDIO_FORMATS:
+            raise ValueError(f"{source.folder}: audio format {self.audio!r} in index.json is not one of "
+                             f"{', '.join(AUDIO_FORMATS)}")
         label_csv = Path(d.label_csv) if d.label_csv else source.label_csv
         self.label_index = read_label_csv(label_csv)[0] if label_csv else None
         self.classes = max(self.label_index.values()) + 1 if self.label_index else 0

@@ -126,3 +126,26 @@ def test_bad_bench_options_are_one_clear_line():
     result = subprocess.run([sys.executable, "-m", "tgdp_core", "bench", "--methods", "tgdp,mae"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "unknown mae" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_loader_bench_times_every_path_and_sizes_its_formats(tmp_path):
+    """bench --loaders (issue 13): every path timed, bytes per clip of each format, the H200 arithmetic."""
+    import math
+
+    from tgdp_core import loadbench
+
+    report = loadbench.run(clips=4, samples=8, batch=4, repeats=1)
+    assert list(report["paths"]) == list(loadbench.PATHS)
+    for rate in report["paths"].values():
+        assert rate["samples"] == 8 and rate["samples_per_s"] > 0 and rate["samples_per_cpu_s"] > 0
+    size = report["bytes_per_clip"]
+    assert size["cache"] == 1024 * 128 * 2 + 16 * 224 * 224 * 3  # float16 fbank + uint8 frames
+    # the stored fbank adds its float16 array (plus the .npy and tar headers) to each sample
+    assert 0 <= size["shards+fbank"] - size["shards"] - 1024 * 128 * 2 < 2048
+    assert size["shards flac"] < size["shards"]
+    h = report["h200"]
+    assert h["flops_per_sample"] == step_flops(tg.Config.preset("base"), 1).total
+    need = 0.4 * 989e12 / h["flops_per_sample"]
+    assert h["samples_per_s"] == pytest.approx(need)
+    assert h["workers"] == {p: math.ceil(need / r["samples_per_s"]) for p, r in report["paths"].items()}
+    assert "| shards+fbank |" in loadbench.markdown(report)

@@ -10,8 +10,8 @@ import torch
 import torchaudio
 from PIL import Image
 
-from tgdp_core.media import (MediaError, extract_clip, fbank, load_frame, normalize_frames, read_audio,
-                             write_atomic)
+from tgdp_core.media import (MediaError, decode_audio, decode_frame, extract_clip, fbank, fbank_segment, jpeg_bytes,
+                             load_frame, normalize_frames, read_audio, write_atomic)
 
 TONE_HZ = 440.0
 
@@ -207,6 +207,28 @@ def test_fbank_rejects_waveforms_shorter_than_one_window():
     assert fbank(torch.randn(400), num_frames=4).shape == (4, 128)
 
 
+@pytest.mark.parametrize("seconds", [10.0, 4.0, 11.0])
+def test_fbank_segment_equals_slicing_the_clip_fbank(seconds):
+    """A training segment computed alone is the clip's fbank sliced: the loader's fast path."""
+    waveform = 0.1 * torch.randn(int(seconds * 16000)) + 0.05  # an offset: the clip's mean is removed first
+    full = fbank(waveform)
+    for start, length in ((0, 416), (240, 416), (608, 416), (1000, 24), (0, 1024)):
+        torch.testing.assert_close(fbank_segment(waveform, start, length), full[start:start + length],
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not lie within"):
+        fbank_segment(waveform, 700, 416)
+
+
+def test_decode_audio_reads_encoded_bytes_like_read_audio(tmp_path):
+    wave = (0.2 * np.sin(np.arange(8000) / 5)).astype(np.float32)
+    for fmt in ("WAV", "FLAC"):
+        path = tmp_path / f"a.{fmt.lower()}"
+        sf.write(path, wave, 16000, format=fmt, subtype="PCM_16")
+        torch.testing.assert_close(decode_audio(path.read_bytes()), read_audio(path))
+    with pytest.raises(MediaError, match="member x.wav: unreadable or corrupt"):
+        decode_audio(b"garbage", name="member x.wav")
+
+
 # ------------------------------------------------------------------------ frames
 def stripes(width: int, height: int, side: int) -> Image.Image:
     """Red | green | blue columns; the green middle band is ``side`` pixels wide."""
@@ -250,3 +272,23 @@ def test_normalize_frames_matches_a_direct_computation():
         torch.testing.assert_close(result, expected)
     with pytest.raises(ValueError, match="uint8"):
         normalize_frames(frames.astype(np.float32))
+
+
+def test_decode_frame_gives_load_frames_pixels_and_jpeg_bytes_checks_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 15, 3)), np.ones((4, 4, 1))).astype(np.uint8)  # 48 x 60
+    Image.fromarray(smooth).save(tmp_path / "f.jpg", quality=90)
+    Image.fromarray(smooth[:40, :40]).save(tmp_path / "square.jpg", quality=90)
+    Image.fromarray(smooth).save(tmp_path / "f.png")
+    for name, size in (("f.jpg", 32), ("square.jpg", 40), ("f.png", 32)):
+        data = (tmp_path / name).read_bytes()
+        np.testing.assert_array_equal(decode_frame(data, size), load_frame(tmp_path / name, size))
+    assert jpeg_bytes(tmp_path / "f.jpg") == (tmp_path / "f.jpg").read_bytes()  # JPEGs are copied as they are
+    converted = jpeg_bytes(tmp_path / "f.png")
+    assert converted[:2] == b"\xff\xd8" and decode_frame(converted, 32).shape == (32, 32, 3)
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "f.jpg").read_bytes()[:300])
+    for path in (tmp_path / "cut.jpg", tmp_path / "missing.jpg"):
+        with pytest.raises(MediaError, match=str(path)):
+            jpeg_bytes(path)
+    with pytest.raises(MediaError, match="member k.frame_00.jpg: unreadable or corrupt image"):
+        decode_frame(b"\xff\xd8 not a jpeg", 32, name="member k.frame_00.jpg")

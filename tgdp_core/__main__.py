@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import avdigits, bench, demo, prepare
+from . import avdigits, bench, demo, prepare, shards
 from .config import METHODS, PRESETS, Config
 
 
@@ -28,8 +28,12 @@ def config_from_args(args: argparse.Namespace, overrides: list[str]) -> Config:
     return cfg.override(*overrides)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model/recipe preset (default: tiny)")
+CLIPS_HELP = ("a CAV-MAE manifest, or shards (their folder, index.json or a brace pattern); default: the "
+              "checkpoint config's data.test_shards or data.test_manifest")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
+    p.add_argument("--preset", default=default, choices=list(PRESETS), help=f"model/recipe preset (default: {default})")
     p.add_argument("--method", choices=METHODS, help="tgdp (default), sync or cavmae")
     p.add_argument("--config", help="a saved config JSON instead of --preset")
 
@@ -70,6 +74,13 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"checkpoint: {result.checkpoint}\nmetrics: {result.out_dir / 'metrics.jsonl'}")
 
 
+def _add_clip_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--per-class", type=int, default=0, metavar="K",
+                   help="the first K clips of each label, in manifest order (the official protocol: 5 on VGGSound)")
+    p.add_argument("--max-clips", "--clips", dest="max_clips", type=int, default=0, metavar="N",
+                   help="then the first N of those (default: all)")
+
+
 def _no_overrides(overrides: list[str]) -> None:
     if overrides:
         raise SystemExit(f"error: unrecognised arguments {' '.join(overrides)}")
@@ -77,32 +88,82 @@ def _no_overrides(overrides: list[str]) -> None:
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
     _no_overrides(overrides)
-    raise SystemExit(prepare.main(args))
+    status = prepare.main(args)
+    if args.shards and status == 0:
+        from . import shards
+
+        # frames per clip from --num-frames; a stored fbank at the base preset's settings
+        cfg = Config.preset("base", data={"frames_per_clip": args.num_frames})
+        args.manifest, args.out = Path(args.out) / "manifest.json", Path(args.out) / "shards"
+        status = shards.main(args, cfg)
+    raise SystemExit(status)
+
+
+def _eval_set(cfg: Config, source: str | None, per_class: int = 0, max_clips: int = 0):
+    """(evaluation set, its video ids) of a manifest or shards; default: the config's test data."""
+    from .dataset import choose_clips, eval_data
+
+    source = source or cfg.data.test_shards or cfg.data.test_manifest
+    if not source:
+        raise ValueError("name the clips (a manifest or shards), or set --data.test_shards / --data.test_manifest")
+    return choose_clips(eval_data(source, cfg), per_class, max_clips)
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     """Zero-shot retrieval (and a linear probe with --train-manifest) of a checkpoint."""
     import json
 
-    from torch.utils.data import Subset
-
     from . import evaluate
     from .checkpoint import load_model
-    from .dataset import AVDataset
 
     model = load_model(args.checkpoint, map_location=args.device)
     cfg = model.cfg
     if overrides:
         cfg.override(*overrides)
-    test_set = AVDataset(args.manifest, cfg, train=False)
-    if args.clips:
-        test_set = Subset(test_set, range(min(args.clips, len(test_set))))
-    train_set = AVDataset(args.train_manifest, cfg, train=False) if args.train_manifest else None
+    test_set, ids = _eval_set(cfg, args.manifest, args.per_class, args.max_clips)
+    train_set = _eval_set(cfg, args.train_manifest)[0] if args.train_manifest else None
     metrics = evaluate.evaluate_model(model, test_set, train_set, batch_size=args.batch)
     print(evaluate.markdown_table({args.name or cfg.method: metrics}))
+    print(f"{len(ids)} clips" + (f" (the first {args.per_class} of each label)" if args.per_class else ""))
     if args.out:
-        with open(args.out, "w") as f:
+        out = Path(args.out)
+        with open(out, "w") as f:
             json.dump(metrics, f, indent=2)
+        out.with_suffix(".clips.txt").write_text("".join(f"{i}\n" for i in ids))
+        print(f"metrics: {out}; the clips evaluated: {out.with_suffix('.clips.txt')}")
+
+
+def cmd_embed(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Per-clip, per-frame embeddings and global features of a checkpoint to a safetensors file."""
+    import json
+
+    from .checkpoint import load_model, load_teacher_encoder
+    from .embed import write_embeddings
+
+    model = load_model(args.checkpoint, map_location=args.device)
+    cfg = model.cfg
+    if overrides:
+        cfg.override(*overrides)
+    encoder = model.encoder
+    if args.teacher:
+        encoder = load_teacher_encoder(args.checkpoint, model, map_location=args.device)
+        if encoder is None:
+            raise ValueError(f"{args.checkpoint} holds no EMA teacher (official or exported weights, or a method "
+                             "without one); leave out --teacher to embed with the student")
+    data, ids = _eval_set(cfg, args.clips, args.per_class, args.max_clips)
+    meta = {"encoder": "teacher" if args.teacher else "student", "checkpoint": str(args.checkpoint),
+            "clips": str(args.clips),
+            "config": json.dumps(cfg.to_dict())}
+    tensors = write_embeddings(encoder, data, args.out, batch_size=args.batch, metadata=meta)
+    N, K, D = tensors["audio"].shape
+    print(f"{args.out}: {N} clips x {K} frames x {D} dims ({meta['encoder']}), clip ids in its metadata")
+
+
+def cmd_shard(args: argparse.Namespace, overrides: list[str]) -> None:
+    """A CAV-MAE manifest -> WebDataset shards (tgdp_core/shards.py)."""
+    from . import shards
+
+    raise SystemExit(shards.main(args, config_from_args(args, overrides)))
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -194,6 +255,33 @@ def _add_export_and_probe(sub) -> None:
     p.set_defaults(func=cmd_probe)
 
 
+def _add_clip_commands(sub) -> None:
+    """The commands that read clips of a manifest or shards: eval, embed, shard (issue 13)."""
+    p = sub.add_parser("eval", help="zero-shot retrieval R@1/5/10 both directions (+ linear probe) of a checkpoint")
+    p.add_argument("checkpoint", help="a tgdp checkpoint or an official CAV-MAE Sync / TG-DP state dict")
+    p.add_argument("manifest", nargs="?", help=f"the test clips: {CLIPS_HELP}")
+    _add_clip_choice(p)
+    p.add_argument("--train-manifest", help="also fit a linear probe on these clips' frozen features (manifest or shards)")
+    p.add_argument("--batch", type=int, default=16, help="clips per batch")
+    p.add_argument("--name", help="row name in the table (default: the method)")
+    p.add_argument("--out", help="write the metrics as JSON here, and the evaluated clip ids beside it (.clips.txt)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("embed", help="per-clip, per-frame embeddings of a checkpoint to a safetensors file")
+    p.add_argument("checkpoint", help="a tgdp checkpoint or an official CAV-MAE Sync / TG-DP state dict")
+    p.add_argument("clips", metavar="MANIFEST_OR_SHARDS", help=CLIPS_HELP.split("; default")[0])
+    p.add_argument("out", metavar="OUT", help="the safetensors file to write (layout: tgdp_core/embed.py)")
+    _add_clip_choice(p)
+    p.add_argument("--teacher", action="store_true", help="embed with the checkpoint's EMA teacher")
+    p.add_argument("--batch", type=int, default=16, help="clips per batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_embed)
+    p = sub.add_parser("shard", help="a CAV-MAE manifest -> WebDataset shards with an index (for data at scale)")
+    _add_config_args(p, default="base")
+    shards.add_arguments(p)
+    p.set_defaults(func=cmd_shard)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tgdp_core", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,16 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="run folder (default: runs/<time>-<preset>-<method>); resumes if it holds last.pt")
     p.add_argument("--fresh", action="store_true", help="ignore an existing last.pt in --out")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="zero-shot retrieval R@1/5/10 both directions (+ linear probe) of a checkpoint")
-    p.add_argument("checkpoint", help="a tgdp checkpoint or an official CAV-MAE Sync / TG-DP state dict")
-    p.add_argument("manifest", help="the test manifest (CAV-MAE JSON)")
-    p.add_argument("--clips", type=int, default=0, help="evaluate the first N clips only (default: all)")
-    p.add_argument("--train-manifest", help="also fit a linear probe on these clips' frozen features")
-    p.add_argument("--batch", type=int, default=16, help="clips per batch")
-    p.add_argument("--name", help="row name in the table (default: the method)")
-    p.add_argument("--out", help="write the metrics as JSON here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.set_defaults(func=cmd_eval)
+    _add_clip_commands(sub)
     _add_export_and_probe(sub)
     p = sub.add_parser("quickstart", help="tiny TG-DP vs CAV-MAE Sync on the built-in benchmark (about 10 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart); finished runs are reused")
@@ -243,8 +322,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("avdigits", help="generate the built-in AV-Digits benchmark")
     avdigits.add_arguments(p)
     p.set_defaults(func=lambda args, overrides: _no_overrides(overrides) or sys.exit(avdigits.main(args)))
-    p = sub.add_parser("prepare", help="videos -> 16 kHz wavs, frames and a CAV-MAE manifest")
+    p = sub.add_parser("prepare", help="videos -> 16 kHz wavs, frames and a CAV-MAE manifest (and shards)")
     prepare.add_arguments(p)
+    p.add_argument("--shards", action="store_true", help="also write WebDataset shards of the clips into OUT/shards "
+                                                         "(--fbank at the base preset's settings)")
+    shards.add_arguments(p, positional=False)
     p.set_defaults(func=cmd_prepare)
     args, overrides = parser.parse_known_args(argv)
     try:

@@ -459,13 +459,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loader-batches", type=int, default=20, help="timed loader batches (default 20)")
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
     parser.add_argument("--out", help="write the report as JSON here and the markdown beside it (.md)")
+    parser.add_argument("--loaders", action="store_true",
+                        help="instead: samples/s per loader worker at base settings for the feature cache, raw files "
+                             "and shards (tgdp_core/loadbench.py), and the workers one H200 needs")
+    parser.add_argument("--loader-clips", type=int, default=64, help="--loaders: base clips to make (default 64)")
+    parser.add_argument("--loader-samples", type=int, default=256, help="--loaders: timed samples per path (default 256)")
+    parser.add_argument("--loader-repeats", type=int, default=3,
+                        help="--loaders: passes per path, the fastest counts (default 3)")
 
 
 def main(args: argparse.Namespace, overrides: list[str]) -> int:
     """Run the benchmark, print the markdown, write the JSON and markdown files under ``--out``."""
-    report = run(args.preset, _split(args.methods), args.batch, args.steps, args.warmup, args.device, args.precision,
-                 args.gallery, args.embed_clips, args.queries, args.loader_batches, _split(args.skip), overrides)
-    text = markdown(report)
+    if args.loaders:
+        from . import loadbench
+
+        report = loadbench.run(args.loader_clips, args.loader_samples, repeats=args.loader_repeats,
+                               machine=_machine("cpu"))
+        text = loadbench.markdown(report)
+    else:
+        report = run(args.preset, _split(args.methods), args.batch, args.steps, args.warmup, args.device,
+                     args.precision, args.gallery, args.embed_clips, args.queries, args.loader_batches,
+                     _split(args.skip), overrides)
+        text = markdown(report)
     print(text)
     if args.out:
         out = Path(args.out)

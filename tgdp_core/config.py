@@ -146,6 +146,15 @@ class DataConfig:
     # Empty: the built-in AV-Digits benchmark, generated under data/generated on first use.
     train_manifest: str = ""
     test_manifest: str = ""
+    # WebDataset shards instead of a manifest (issue 13; written by `python -m tgdp_core shard` or
+    # `prepare --shards`): their folder, its index.json, or a brace pattern of some of its shards
+    # (OUT/shard-{000000..000099}.tar). Streamed, split over ranks and workers (shardset.py).
+    train_shards: str = ""
+    test_shards: str = ""
+    # Shuffle window of the shard loader, in samples: each worker permutes this many consecutive
+    # samples of its shards at a time. 1,000: webdataset's shuffle default (open_clip uses 5,000);
+    # memory: about 0.35 MB per sample at base (wav + one JPEG), per worker.
+    shuffle_buffer: int = 1000
     label_csv: str = ""
     sample_rate: int = SAMPLE_RATE  # audio is resampled to this rate, mono (16 kHz)
     clip_frames: int = 1024  # fbank frames per clip after pad/crop (10 ms shift: 1024 = 10.24 s)
@@ -344,6 +353,12 @@ class Config:
             problems.append(f"train.precision {self.train.precision!r} is not one of auto, bf16, fp32")
         if self.train.device not in ("auto", "cpu", "cuda"):
             problems.append(f"train.device {self.train.device!r} is not one of auto, cpu, cuda")
+        if self.data.train_manifest and self.data.train_shards:
+            problems.append("set one of data.train_manifest and data.train_shards, not both")
+        if self.data.test_manifest and self.data.test_shards:
+            problems.append("set one of data.test_manifest and data.test_shards, not both")
+        if self.data.shuffle_buffer < 1:
+            problems.append(f"data.shuffle_buffer={self.data.shuffle_buffer} must be >= 1")
         if self.data.on_error not in ("raise", "skip"):
             problems.append(f"data.on_error {self.data.on_error!r} is not one of raise, skip")
         if m.audio_frames > self.data.clip_frames:

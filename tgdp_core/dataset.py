@@ -82,9 +82,13 @@ def read_label_csv(path: str | Path) -> tuple[dict[str, int], list[str]]:
 
 
 def label_csv_for(cfg: Config, manifest: str | Path) -> Path | None:
-    """The configured label CSV, else ``labels.csv`` beside the manifest, else None."""
+    """The configured label CSV, else ``labels.csv`` beside the manifest (in the folder of shards), else None."""
     if cfg.data.label_csv:
         return Path(cfg.data.label_csv)
+    from .shards import is_shard_spec, open_shards
+
+    if is_shard_spec(manifest):
+        return open_shards(manifest).label_csv
     beside = Path(manifest).parent / "labels.csv"
     return beside if beside.exists() else None
 
@@ -138,9 +142,13 @@ class ClipReader:
         self.d, self.m = cfg.data, cfg.model
 
     def fbank(self, clip: Clip) -> torch.Tensor:
+        return self.fbank_segment(clip, 0, self.d.clip_frames)
+
+    def fbank_segment(self, clip: Clip, start: int, length: int) -> torch.Tensor:
+        """Rows [start, start + length) of the clip's fbank, computing only those (media.fbank_segment)."""
         wave = media.read_audio(clip.wav, self.d.sample_rate)
-        return media.fbank(wave, self.d.sample_rate, self.m.mel_bins, self.d.clip_frames,
-                           mean=self.d.fbank_mean, std=self.d.fbank_std)
+        return media.fbank_segment(wave, start, length, self.d.sample_rate, self.m.mel_bins, self.d.clip_frames,
+                                   mean=self.d.fbank_mean, std=self.d.fbank_std)
 
     def frame(self, clip: Clip, i: int) -> np.ndarray:
         return media.load_frame(clip.frame_path(i), self.m.image_size)
@@ -261,10 +269,12 @@ class AVDataset(Dataset):
     def __len__(self) -> int:
         return len(self.valid)
 
-    def _fbank(self, n: int) -> torch.Tensor:
+    def _fbank(self, n: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """(end - start, F) rows of clip n's fbank: read from the cache, or computed for those rows alone."""
+        end = self.cfg.data.clip_frames if end is None else end
         if self.cache is not None:
-            return torch.from_numpy(np.asarray(self.cache.fbank[n], dtype=np.float32))
-        return self.reader.fbank(self.clips[n])
+            return torch.from_numpy(np.asarray(self.cache.fbank[n, start:end], dtype=np.float32))
+        return self.reader.fbank_segment(self.clips[n], start, end - start)
 
     def _frame(self, n: int, i: int) -> np.ndarray:
         return np.asarray(self.cache.frames[n, i]) if self.cache is not None else self.reader.frame(self.clips[n], i)
@@ -278,7 +288,7 @@ class AVDataset(Dataset):
             image = torch.from_numpy(self._frame(n, frame).copy())  # (S, S, 3) uint8
             if d.visual_augment:
                 image = random_resized_crop_flip(image, torch.Generator().manual_seed(seed))
-            return {"fbank": self._fbank(n)[start:end], "frames": media.normalize_frames(image),
+            return {"fbank": self._fbank(n, start, end), "frames": media.normalize_frames(image),
                     "labels": self.labels[n], "index": torch.tensor(n), "frame": torch.tensor(frame)}
         n = self.valid[item]
         fbank = self._fbank(n)
@@ -349,7 +359,35 @@ class StepSampler(Sampler):
             yield self.batch_at(step)
 
 
-def train_loader(dataset: AVDataset, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+def train_data(cfg: Config):
+    """The training set ``cfg.data`` names: a ``shardset.ShardTrainSet`` for data.train_shards,
+    else an ``AVDataset`` of data.train_manifest."""
+    if cfg.data.train_shards:
+        from .shardset import ShardTrainSet
+
+        return ShardTrainSet(cfg.data.train_shards, cfg)
+    return AVDataset(cfg.data.train_manifest, cfg, train=True)
+
+
+def eval_data(source: str | Path, cfg: Config):
+    """Evaluation items of a manifest or of shards (``shards.is_shard_spec``): every frame of each
+    clip with its segment (``AVDataset(train=False)`` or ``shardset.ShardEvalSet``)."""
+    from .shards import is_shard_spec
+
+    if is_shard_spec(source):
+        from .shardset import ShardEvalSet
+
+        return ShardEvalSet(source, cfg)
+    return AVDataset(source, cfg, train=False)
+
+
+def train_loader(dataset, cfg: Config, start_step: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """This rank's batches for steps start_step .. train.steps - 1, of an ``AVDataset`` (``StepSampler``)
+    or of a ``ShardTrainSet`` (``shardset.shard_train_loader``)."""
+    from .shardset import ShardTrainSet, shard_train_loader
+
+    if isinstance(dataset, ShardTrainSet):
+        return shard_train_loader(dataset, cfg, start_step, rank, world)
     sampler = StepSampler(len(dataset), cfg.data.frames_per_clip, cfg.train.batch_size, cfg.train.seed,
                           start_step, cfg.train.steps, rank, world)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
@@ -358,3 +396,55 @@ def train_loader(dataset: AVDataset, cfg: Config, start_step: int = 0, rank: int
 
 def eval_loader(dataset: AVDataset, batch_size: int = 16, workers: int = 0) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+# ---------------------------------------------------------------------- choosing evaluation clips
+def first_per_class(labels: list[tuple[str, ...]], per_class: int) -> list[int]:
+    """Indices of the first ``per_class`` clips of each label, in the given (manifest) order: the
+    union over labels, so a clip with several labels counts for each of them (VGGSound's clips
+    have one: the official `vgg_partition_test_5_per_class` is the first 5 of each class)."""
+    taken: dict[str, int] = {}
+    chosen = []
+    for n, clip_labels in enumerate(labels):
+        wanted = [mid for mid in clip_labels if taken.get(mid, 0) < per_class]
+        for mid in wanted:
+            taken[mid] = taken.get(mid, 0) + 1
+        if wanted:
+            chosen.append(n)
+    return chosen
+
+
+def choose_clips(dataset, per_class: int = 0, max_clips: int = 0):
+    """(the evaluation set restricted to the first ``per_class`` clips of each label, then to the
+    first ``max_clips`` of those, in manifest order; the chosen clips' video ids). 0 = no limit.
+
+    ``dataset``: an ``AVDataset(train=False)`` (-> a Subset of it) or a ``ShardEvalSet``.
+    """
+    from .shardset import ShardEvalSet
+
+    if isinstance(dataset, ShardEvalSet):
+        table = dataset.manifest_order()  # (position, video id, labels)
+    else:
+        table = [(i, dataset.clips[n].video_id, dataset.clips[n].labels) for i, n in enumerate(dataset.valid)]
+    rows = list(range(len(table)))
+    if per_class:
+        rows = first_per_class([table[r][2] for r in rows], per_class)
+    if max_clips:
+        rows = rows[:max_clips]
+    if not rows:
+        raise ValueError(f"no clips chosen (per_class={per_class}, max_clips={max_clips}): do the clips carry labels?")
+    ids = [table[r][1] for r in rows]
+    if isinstance(dataset, ShardEvalSet):
+        return dataset.subset([table[r][0] for r in rows]), ids
+    return torch.utils.data.Subset(dataset, [table[r][0] for r in rows]), ids
+
+
+def clip_ids(dataset, indices: torch.Tensor) -> list[str]:
+    """The video ids of evaluation items by their "index" (a clip's manifest position)."""
+    base = getattr(dataset, "dataset", dataset)  # a Subset's dataset
+    from .shardset import ShardEvalSet
+
+    if isinstance(base, ShardEvalSet):
+        by_position = dict(zip(base.positions, base.video_ids))
+        return [by_position[int(i)] for i in indices]
+    return [base.clips[int(i)].video_id for i in indices]

@@ -418,29 +418,48 @@ class ClipEmbeddings(NamedTuple):
     frame_labels: torch.Tensor  # (N, K) class of each pair, -1 where the manifest has none
 
 
-@torch.no_grad()
-def embed_clips(model, dataset, batch_size: int = 16, workers: int = 0, progress: bool = True) -> ClipEmbeddings:
-    """Every clip's aligned frame/segment pairs through ``encode_audio`` / ``encode_visual``.
+class ClipFeatures(NamedTuple):
+    audio: torch.Tensor  # (N, K, D) global audio features before normalisation, one per aligned segment
+    visual: torch.Tensor  # (N, K, D) global visual features before normalisation, one per frame
+    labels: torch.Tensor  # (N, C) multi-hot clip labels
+    frame_labels: torch.Tensor  # (N, K) class of each pair, -1 where the manifest has none
+    index: torch.Tensor  # (N,) each clip's "index" item: its position in the manifest
 
-    ``dataset`` is an evaluation-mode ``AVDataset`` (items hold all K pairs of a clip).
+
+@torch.no_grad()
+def clip_features(encoder, dataset, batch_size: int = 16, workers: int = 0, progress: bool = True) -> ClipFeatures:
+    """Every clip's aligned frame/segment pairs through ``encoder.encode`` (an ``AVEncoder``: a
+    model's ``.encoder``, or the EMA teacher's from ``checkpoint.load_teacher_encoder``).
+
+    ``dataset``: evaluation items holding all K pairs of a clip (``dataset.eval_data``).
     """
     from tqdm.auto import tqdm
 
     from .dataset import eval_loader
 
-    model.eval()
-    device = next(model.parameters()).device
-    audio, visual, labels, frame_labels = [], [], [], []
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    audio, visual, labels, frame_labels, index = [], [], [], [], []
     for batch in tqdm(eval_loader(dataset, batch_size, workers), desc="embedding", unit="batch",
                       disable=not progress, leave=False):
         B, K = batch["fbank"].shape[:2]
         fbank = batch["fbank"].flatten(0, 1).to(device)  # (B*K, T, F)
         frames = batch["frames"].flatten(0, 1).to(device)  # (B*K, 3, S, S)
-        audio.append(model.encode_audio(fbank).view(B, K, -1).float().cpu())
-        visual.append(model.encode_visual(frames).view(B, K, -1).float().cpu())
+        audio.append(encoder.encode(fbank, "a")[0].view(B, K, -1).float().cpu())
+        visual.append(encoder.encode(frames, "v")[0].view(B, K, -1).float().cpu())
         labels.append(batch["labels"])
         frame_labels.append(batch["frame_labels"])
-    return ClipEmbeddings(torch.cat(audio), torch.cat(visual), torch.cat(labels), torch.cat(frame_labels))
+        index.append(batch["index"])
+    if not audio:
+        raise ValueError("the evaluation set yielded no clips")
+    return ClipFeatures(*(torch.cat(parts) for parts in (audio, visual, labels, frame_labels, index)))
+
+
+def embed_clips(model, dataset, batch_size: int = 16, workers: int = 0, progress: bool = True) -> ClipEmbeddings:
+    """Every clip's aligned frame/segment pairs as ``encode_audio`` / ``encode_visual`` embed them
+    (``clip_features`` of ``model.encoder``, L2-normalised)."""
+    f = clip_features(model.encoder, dataset, batch_size, workers, progress)
+    return ClipEmbeddings(F.normalize(f.audio, dim=-1), F.normalize(f.visual, dim=-1), f.labels, f.frame_labels)
 
 
 def evaluate_model(model, test_set, train_set=None, batch_size: int = 16, probe_epochs: int = 100,

@@ -62,11 +62,16 @@ def check_labels(manifest: str | Path, label_csv: str | Path | None) -> Path:
 
 
 def probe_dataset(source, cfg: Config, label_csv: Path | None):
-    """An evaluation-mode dataset: ``source`` itself, or ``AVDataset`` of a manifest path."""
+    """An evaluation-mode dataset: ``source`` itself, ``AVDataset`` of a manifest path, or ``ShardEvalSet`` of shards."""
     if not isinstance(source, (str, Path)):
         return source
     from .dataset import AVDataset
+    from .shards import is_shard_spec
 
+    if is_shard_spec(source):  # shards (issue 13): each sample's labels are checked as it is read
+        from .shardset import ShardEvalSet
+
+        return ShardEvalSet(source, cfg)
     check_labels(source, label_csv)
     return AVDataset(source, cfg, train=False)
 

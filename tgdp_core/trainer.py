@@ -236,7 +236,7 @@ def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Ca
 
 def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=None, eval_dataset=None) -> Run:
     """Device, data, models, optimiser, run folder and evaluations; restores ``out_dir/last.pt`` when resuming."""
-    from .dataset import AVDataset, train_loader
+    from .dataset import train_data, train_loader
     from .periodic_eval import periodic_eval_for
 
     device = resolve_device(cfg)
@@ -264,7 +264,7 @@ def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=Non
     if dist.is_distributed():
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    data = dataset or _rank0_first(lambda: AVDataset(cfg.data.train_manifest, cfg, train=True))
+    data = dataset or _rank0_first(lambda: train_data(cfg))  # a manifest's clips or shards (issue 13)
     evaluator = _rank0_first(lambda: periodic_eval_for(cfg, out_dir, device, eval_dataset, start_step > 0))
     loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
     return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history, evaluator, init,
@@ -407,7 +407,7 @@ class RunLog:
 def resolve_data(cfg: Config) -> Config:
     """``cfg`` with its manifests filled in: the built-in AV-Digits set when none is given
     (generated on first use, by rank 0 while the others wait)."""
-    if cfg.data.train_manifest:
+    if cfg.data.train_manifest or cfg.data.train_shards:
         return cfg
     from .avdigits import ensure_default
 

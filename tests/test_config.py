@@ -97,9 +97,9 @@ def test_bad_configs_are_rejected_with_the_valid_names(call, message):
     ("objective.temperature", "nan", "0.1", r"objective.temperature=nan must be a finite number > 0"),
     ("objective.temperature", "inf", "0.1", r"objective.temperature=inf must be a finite number > 0"),
     ("objective.temperature", "0", "0.1", r"objective.temperature=0.0 must be a finite number > 0"),
-    ("train.lr", "nan", "1e-4", r"train.lr=nan must be a finite number > 0"),
-    ("train.lr", "inf", "1e-4", r"train.lr=inf must be a finite number > 0"),
-    ("train.lr", "-1e-3", "1e-4", r"train.lr=-0.001 must be a finite number > 0"),
+    ("train.lr", "nan", "0", r"train.lr=nan must be a finite number >= 0"),
+    ("train.lr", "inf", "0", r"train.lr=inf must be a finite number >= 0"),
+    ("train.lr", "-1e-3", "0", r"train.lr=-0.001 must be a finite number >= 0"),
     ("train.grad_clip", "-1", "0", r"train.grad_clip=-1.0 must be a finite number >= 0"),
     ("train.betas", "[0.9,1.0]", "[0.9,0.99]", r"train.betas=\(0.9, 1.0\) must lie in \[0, 1\)"),
 ])

@@ -440,8 +440,9 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
 _AT_LEAST = [("train.batch_size", 1), ("train.steps", 1), ("train.log_every", 1), ("train.checkpoint_every", 1),
              ("train.keep_checkpoints", 1), ("train.warmup_steps", 0), ("data.workers", 0), ("data.frames_per_clip", 1),
              ("data.clip_frames", 1), ("data.sample_rate", 1)]
-# (field, strictly positive?): floats that must be finite, and > 0 or >= 0
-_FINITE = [("train.lr", True), ("data.fbank_std", True), ("train.weight_decay", False), ("train.grad_clip", False)]
+# (field, strictly positive?): floats that must be finite, and > 0 or >= 0 (lr 0: weights held
+# where they start, a test of the loop)
+_FINITE = [("train.lr", False), ("data.fbank_std", True), ("train.weight_decay", False), ("train.grad_clip", False)]
 
 
 def _range_problems(cfg: "Config") -> list[str]:

@@ -149,3 +149,11 @@ def test_loader_bench_times_every_path_and_sizes_its_formats(tmp_path):
     assert h["samples_per_s"] == pytest.approx(need)
     assert h["workers"] == {p: math.ceil(need / r["samples_per_s"]) for p, r in report["paths"].items()}
     assert "| shards+fbank |" in loadbench.markdown(report)
+
+
+def test_a_batch_below_one_is_refused_not_replaced():
+    """Issue 17, item 8: `--batch 0` silently became the preset's 128."""
+    with pytest.raises(ValueError, match=r"--batch must be at least 1, got 0"):
+        bench.run(batch=0)
+    with pytest.raises(ValueError, match=r"--batch must be at least 1, got -2"):
+        bench.run(batch=-2)

@@ -52,6 +52,20 @@ def test_unreadable_and_unsafe_checkpoints_are_refused(tmp_path):
         tg.load_model(tmp_path / "other.pt")
 
 
+def test_weights_with_nan_or_inf_are_refused(tmp_path, tiny_cfg):
+    """Issue 17, item 12: a diverged run's checkpoint must not serve "nan" scores."""
+    model = tg.build_model(tiny_cfg)
+    payload = ckpt.model_payload(model)
+    payload["model"]["encoder.global_a"] = torch.full_like(payload["model"]["encoder.global_a"], float("nan"))
+    payload["model"]["decoder.norm.bias"][0] = float("inf")
+    path = ckpt.save_checkpoint(payload, tmp_path / "diverged.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"diverged.pt: 2 of \d+ tensors hold NaN or infinite values "
+                                                   r"\((encoder.global_a|decoder.norm.bias), "):
+        tg.load_model(path)
+    assert ckpt.non_finite({"opt": {"state": {0: {"exp_avg": torch.tensor([1.0, float("-inf")]),
+                                                  "step": torch.tensor(3)}}}}) == ["opt.state.0.exp_avg"]
+
+
 def test_official_checkpoint_with_module_prefix_loads(tmp_path, reference):
     from test_reference import REFERENCE_MODEL
 

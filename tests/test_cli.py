@@ -43,3 +43,43 @@ def test_ablate_names_a_bad_curriculum_or_row_in_one_line_before_any_work():
     assert "unknown curriculum 'half'; valid: equal, none, preset" in result.stderr
     result = run("ablate", "--rows", "nope")
     assert "unknown ablation rows ['nope']" in result.stderr
+
+
+# ---------------------------------------------------------------------------- issue 17
+def test_train_passes_allow_change_and_refuses_nonsense_before_work(monkeypatch, tmp_path):
+    """Items 3 and 8: --allow-change reaches tgdp_core.train; --train.steps=0 is refused by validate."""
+    import pytest
+
+    from tgdp_core import __main__ as cli
+    from tgdp_core import trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: seen.update(kw, cfg=cfg) or trainer.TrainResult(tmp_path, None))
+    cli.main(["train", "--out", str(tmp_path), "--train.steps=800", "--allow-change", "train.steps",
+              "--allow-change", "train.lr, objective.temperature"])
+    assert seen["allow_change"] == ["train.steps", "train.lr", "objective.temperature"]
+    assert seen["cfg"].train.steps == 800 and seen["resume"] is True
+    with pytest.raises(SystemExit, match=r"error: invalid config: train.steps=0 must be >= 1"):
+        cli.main(["train", "--out", str(tmp_path), "--train.steps=0"])
+
+
+def test_eval_refuses_clips_below_one_and_reports_skipped_clips_and_a_small_gallery(tmp_path):
+    """Items 8, 4 and 14 through the command line."""
+    import tgdp_core as tg
+    from tgdp_core.checkpoint import model_payload, save_checkpoint
+    from test_dataset import make_clips
+
+    manifest = make_clips(tmp_path / "data", n=3)
+    save_checkpoint(model_payload(tg.build_model(tg.Config.preset("tiny"))), tmp_path / "model.pt")
+    for clips in ("0", "-1"):
+        result = run("eval", str(tmp_path / "model.pt"), str(manifest), "--clips", clips)
+        assert result.returncode == 2 and f"must be at least 1, got {clips}" in result.stderr, result.stderr
+    (tmp_path / "data" / "audio" / "clip2.wav").write_bytes(b"garbage")
+    result = run("eval", str(tmp_path / "model.pt"), str(manifest), "--data.on_error=skip", "--data.workers=0")
+    assert result.returncode == 0, result.stderr
+    assert "2 clips" in result.stdout and "(1 of the 3 clips in" in result.stdout
+    assert "were skipped (data.on_error=skip) and are not in the table, e.g. clip2: " in result.stdout
+    assert "gallery of only 2 clip(s)" in result.stderr
+    (tmp_path / "out").mkdir()
+    result = run("eval", str(tmp_path / "model.pt"), str(manifest), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "is a folder; give a file name" in result.stderr and "Traceback" not in result.stderr

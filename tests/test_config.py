@@ -85,3 +85,33 @@ def test_cavmae_method_defaults_and_overrides():
 def test_bad_configs_are_rejected_with_the_valid_names(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("field,bad,good,message", [  # issue 17, item 8: nonsense is refused with the valid range
+    ("train.batch_size", "0", "1", r"train.batch_size=0 must be >= 1"),
+    ("train.batch_size", "-4", "1", r"train.batch_size=-4 must be >= 1"),
+    ("train.steps", "0", "1", r"train.steps=0 must be >= 1"),
+    ("train.log_every", "0", "1", r"train.log_every=0 must be >= 1"),
+    ("train.checkpoint_every", "0", "1", r"train.checkpoint_every=0 must be >= 1"),
+    ("train.keep_checkpoints", "0", "1", r"train.keep_checkpoints=0 must be >= 1"),
+    ("objective.temperature", "nan", "0.1", r"objective.temperature=nan must be a finite number > 0"),
+    ("objective.temperature", "inf", "0.1", r"objective.temperature=inf must be a finite number > 0"),
+    ("objective.temperature", "0", "0.1", r"objective.temperature=0.0 must be a finite number > 0"),
+    ("train.lr", "nan", "0", r"train.lr=nan must be a finite number >= 0"),
+    ("train.lr", "inf", "0", r"train.lr=inf must be a finite number >= 0"),
+    ("train.lr", "-1e-3", "0", r"train.lr=-0.001 must be a finite number >= 0"),
+    ("train.grad_clip", "-1", "0", r"train.grad_clip=-1.0 must be a finite number >= 0"),
+    ("train.betas", "[0.9,1.0]", "[0.9,0.99]", r"train.betas=\(0.9, 1.0\) must lie in \[0, 1\)"),
+])
+def test_out_of_range_values_are_rejected_with_the_valid_range(field, bad, good, message):
+    with pytest.raises(ValueError, match=message):
+        tg.Config.preset("tiny").override(f"{field}={bad}")
+    tg.Config.preset("tiny").override(f"{field}={good}")  # the lowest sensible values pass
+
+
+def test_differences_name_each_changed_field():
+    a, b = tg.Config.preset("tiny"), tg.Config.preset("tiny", train={"lr": 2e-3, "seed": 3})
+    assert a.differences(b) == {"train.lr": (1e-3, 2e-3), "train.seed": (0, 3)}
+    assert a.differences(tg.Config.preset("tiny")) == {}
+    with pytest.raises(ValueError, match="unknown field 'stpes' in train"):
+        a.check_field("train.stpes")

@@ -1,5 +1,6 @@
 """Manifest dataset: alignment, feature cache, errors, sampling."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,89 @@ def test_embed_clips_and_evaluate_model_on_a_manifest(tmp_path, cfg):
     sim = tg.evaluate.clip_similarity(a, v)
     assert metrics["A->V R@1"] == tg.evaluate.recall_at_k(sim)["R@1"]
     assert {"V->A R@5", "A->V MedR", "A->V P@1", "mAP"} <= set(metrics)
+
+
+# ---------------------------------------------------------------------- issue 17: clear input errors
+def test_clips_a_cache_recorded_as_failed_raise_under_on_error_raise(tmp_path, cfg):
+    """Item 4: a cache built with skip no longer hides its failures from a later raise run."""
+    manifest = make_clips(tmp_path)
+    (tmp_path / "audio" / "clip1.wav").write_bytes(b"garbage")
+    skip = tg.Config.preset("tiny", data={"workers": 0, "on_error": "skip"})
+    with pytest.warns(UserWarning, match=r"1 of 3 clips were skipped \(data.on_error=skip\).*e.g. clip1: .*clip1.wav"):
+        D.AVDataset(manifest, skip, train=False)
+    with pytest.raises(media.MediaError, match=r"clip1: .*clip1.wav: unreadable or corrupt audio.*recorded when "
+                                               r"the feature cache .* was built with data.on_error=skip"):
+        D.AVDataset(manifest, cfg, train=True)
+
+
+def test_no_usable_clip_and_too_few_frames_are_clear_errors(tmp_path, cfg):
+    """Item 6: both used to end in ZeroDivisionError."""
+    manifest = make_clips(tmp_path, n=2)
+    for k in range(2):
+        (tmp_path / "audio" / f"clip{k}.wav").write_bytes(b"garbage")
+    skip = tg.Config.preset("tiny", data={"workers": 0, "on_error": "skip"})
+    with pytest.raises(ValueError, match=r"train.json: no usable clips: all 2 were skipped .* e.g. clip0: "):
+        D.AVDataset(manifest, skip, train=True)
+    with pytest.raises(ValueError, match="no usable clips"):
+        D.StepSampler(0, 8, 4, 0, 0, 1)
+
+    manifest = make_clips(tmp_path / "eight", n=2, frames=8)
+    sixteen = tg.Config.preset("tiny", data={"workers": 0, "frames_per_clip": 16, "on_error": "skip"})
+    with pytest.raises(ValueError, match=r"the data has 8 frames per clip \(frame_0 .. frame_7 in .*\), the config "
+                                         r"reads 16 \(data.frames_per_clip\): set --data.frames_per_clip=8"):
+        D.AVDataset(manifest, sixteen, train=True)
+
+
+def test_more_frames_or_longer_audio_than_used_warn_once_saying_what_is_used(tmp_path, recwarn):
+    """Item 6: data is no longer cut silently."""
+    manifest = make_clips(tmp_path, n=1, seconds=10.0, frames=10)
+    D.AVDataset(manifest, tg.Config.preset("tiny", data={"workers": 0}), train=True)
+    messages = [str(w.message) for w in recwarn.list]
+    assert any("more than 8 frames per clip; only frame_0 .. frame_7 are used" in m for m in messages), messages
+    assert any("holds 10.00 s of audio; only the first 5.12 s are used (data.clip_frames=512" in m for m in messages)
+    assert len(messages) == 2
+    recwarn.clear()
+    fits = make_clips(tmp_path / "fits", n=1)  # the tiny layout exactly: 5.12 s, 8 frames
+    D.AVDataset(fits, tg.Config.preset("tiny", data={"workers": 0}), train=True)
+    assert not recwarn.list
+
+
+def test_absurd_samples_are_an_input_error_naming_the_file(tmp_path, cfg):
+    """Item 7: 1e30 samples gave an infinite fbank and NaN at step 0, naming nothing."""
+    manifest = make_clips(tmp_path, n=2)
+    loud = tmp_path / "audio" / "clip1.wav"
+    sf.write(loud, np.full(16000, 1e30, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(media.MediaError, match=rf"{loud}: samples reach 1e\+30, far outside the \[-1, 1\] range"):
+        D.AVDataset(manifest, cfg, train=True)
+    clip = D.read_manifest(manifest)[1]
+    with pytest.raises(media.MediaError, match=f"{loud}: samples reach"):
+        D.ClipReader(cfg).fbank(clip)  # the uncached path checks the same way
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"data": {"video_id": "x"}}', r'its "data" is dict'),
+    ('{"data": "clips.csv"}', r'its "data" is str'),
+    ('[{"video_id": "x"}]', r"it holds list \[\{"),
+    ('{"clips": []}', r"it holds dict"),
+    ('{"data": ["x.mp4"]}', r'entry 0 is str \'x.mp4\', not an object with video_id, wav, video_path'),
+])
+def test_a_manifest_of_the_wrong_shape_names_the_file_and_the_shape(tmp_path, text, message):
+    """Item 9: a raw TypeError before."""
+    (tmp_path / "m.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"m.json: .*{message}") as info:
+        D.read_manifest(tmp_path / "m.json")
+    assert '"data": [{"video_id"' in str(info.value)
+
+
+def test_an_unwritable_cache_folder_names_it_and_data_cache_dir(tmp_path):
+    """Item 10."""
+    manifest = make_clips(tmp_path)
+    (tmp_path / "cache").write_text("a file")
+    cfg = tg.Config.preset("tiny", data={"workers": 0, "cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(tg.folders.FolderError, match=rf"{tmp_path / 'cache'} is a file, not a folder; set "
+                                                      r"data.cache_dir to a writable folder"):
+        D.AVDataset(manifest, cfg, train=True)
+    if Path("/proc/self").is_dir():  # unwritable even for root
+        cfg.data.cache_dir = "/proc/tgdp-cache"
+        with pytest.raises(tg.folders.FolderError, match="cannot create the folder /proc/tgdp-cache.*data.cache_dir"):
+            D.AVDataset(manifest, cfg, train=True)

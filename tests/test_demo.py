@@ -185,7 +185,7 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(served, client, 
     cases = [(a2v, "notes.wav", "is not an audio file"), (a2v, "empty.wav", "is empty"),
              (a2v, "zero.wav", "is empty (0 bytes)"), (a2v, "blip.wav", "is too short"),
              (a2v, "silent.wav", "is silent"), (a2v, "long.wav", "limited to 60 s"),
-             (v2a, "notes.png", "is not an image"), (v2a, "cut.jpg", "corrupt")]
+             (v2a, "notes.png", "not an image"), (v2a, "cut.jpg", "corrupt")]
     for call, name, message in cases:
         status, *rest = call(client, tmp_path / name)
         assert status.startswith("⚠️") and message in status and name in status, (name, status)

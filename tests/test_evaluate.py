@@ -272,3 +272,14 @@ def test_pair_class_precision_against_a_direct_loop():
     # identical audio and visual pair embeddings with one embedding per class: P@1 = 100
     proto = torch.eye(3)[y]  # (N, K, 3)
     assert pair_class_precision(proto, proto, y)["A->V pair P@1"] == 100
+
+
+def test_a_gallery_too_small_for_the_metrics_is_warned_about():
+    """Issue 17, item 14: `eval --clips 1` printed R@1 100 with no caveat."""
+    a = torch.randn(1, 2, 8)
+    with pytest.warns(UserWarning, match=r"gallery of only 1 clip\(s\): a random ranking scores R@1 100 % and "
+                                         r"R@10 100 %.*use at least 20 clips"):
+        assert ev.retrieval_metrics(a, a)["A->V R@1"] == 100.0
+    with pytest.warns(UserWarning, match="only 12 clip.*R@1 8 % and R@10 83 %"):
+        ev.retrieval_metrics(torch.randn(12, 2, 8), torch.randn(12, 2, 8))
+    assert not ev.warn_small_gallery(20) and ev.warn_small_gallery(10, ks=(1, 5)) is False

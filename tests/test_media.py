@@ -1,5 +1,7 @@
 """Decoding, features and clip extraction on tiny media made with PyAV in tmp_path."""
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import av
@@ -10,8 +12,8 @@ import torch
 import torchaudio
 from PIL import Image
 
-from tgdp_core.media import (MediaError, decode_audio, decode_frame, extract_clip, fbank, fbank_segment, jpeg_bytes,
-                             load_frame, normalize_frames, read_audio, write_atomic)
+from tgdp_core.media import (MediaError, decode_audio, decode_frame, extract_clip, fbank, fbank_segment,
+                             image_dimensions, jpeg_bytes, load_frame, normalize_frames, read_audio, write_atomic)
 
 TONE_HZ = 440.0
 
@@ -162,7 +164,8 @@ def test_read_audio_averages_channels_and_resamples(tmp_path):
 
 @pytest.mark.parametrize("case, reason", [
     ("missing", "file not found"), ("corrupt", "unreadable or corrupt"), ("zero_bytes", "empty file"),
-    ("no_samples", "0 samples"), ("nan", "NaN"),
+    ("no_samples", "0 samples"), ("nan", "NaN"), ("huge", "samples reach 1e+30, far outside the [-1, 1] range"),
+    ("unscaled", "samples reach 3.28e+04"),  # issue 17, item 7: a float file holding int16-scaled values
 ])
 def test_read_audio_errors_name_the_file(tmp_path, case, reason):
     path = tmp_path / f"{case}.wav"
@@ -174,6 +177,9 @@ def test_read_audio_errors_name_the_file(tmp_path, case, reason):
         sf.write(path, np.zeros(0, np.float32), 16000)
     elif case == "nan":
         sf.write(path, np.array([0.1, np.nan, 0.2] * 200, np.float32), 16000, subtype="FLOAT")
+    elif case in ("huge", "unscaled"):
+        peak = 1e30 if case == "huge" else 32767.0
+        sf.write(path, np.array([0.1, peak, -0.2] * 200, np.float32), 16000, subtype="FLOAT")
     with pytest.raises(MediaError) as err:
         read_audio(path)
     assert str(path) in str(err.value) and reason in str(err.value)
@@ -260,6 +266,35 @@ def test_load_frame_errors(tmp_path):
     for path in (tmp_path / "bad.jpg", tmp_path / "missing.jpg"):
         with pytest.raises(MediaError, match=str(path)):
             load_frame(path, 32)
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height RGB pixels but holds almost no data: the header is all
+    a size check may read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_too_large_is_refused_as_too_large_before_decoding(tmp_path):
+    """Issue 17, item 15: PIL's decompression-bomb error used to read "not an image"."""
+    bomb = png_header(tmp_path / "bomb.png", 20000, 10000)  # 200 MP: PIL refuses to open it at all
+    with pytest.raises(MediaError, match=r"bomb.png: too large to decode: Image size \(200000000 pixels\)"):
+        load_frame(bomb, 32)
+    big = png_header(tmp_path / "big.png", 8000, 6000)  # 48 MP: PIL would decode it (144 MB)
+    with pytest.raises(MediaError, match=r"big.png: too large: 8000 x 6000 pixels; images are limited to 40 megapixels"):
+        load_frame(big, 32)
+    assert image_dimensions(big.read_bytes()) == (8000, 6000)
+    Image.new("RGB", (48, 40)).save(tmp_path / "small.png")
+    with pytest.raises(MediaError, match="too large: 48 x 40 pixels; images are limited to 0.0016 megapixels"):
+        load_frame(tmp_path / "small.png", 32, max_pixels=40 * 40)
+    assert load_frame(tmp_path / "small.png", 32, max_pixels=None).shape == (32, 32, 3)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(MediaError, match="notes.png: not an image PIL can read"):
+        load_frame(tmp_path / "notes.png", 32)
 
 
 def test_normalize_frames_matches_a_direct_computation():

@@ -3,12 +3,18 @@ import argparse
 import csv
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 from PIL import Image
 
+import tgdp_core as tg
 from test_media import truncate, write_video
 from tgdp_core.prepare import add_arguments, main, prepare
 
@@ -105,9 +111,9 @@ def test_labels_from_user_csv_and_a_list_file(videos, tmp_path):
     assert summary.notes == [f"1 row(s) of {labels} match no video"]
     entries = json.loads((tmp_path / "out" / "manifest.json").read_text())["data"]
     assert {e["video_id"]: e["labels"] for e in entries} == {"bark": "/m/0bt9lr,/m/0jbk", "meow": "/m/01yrx,/m/0jbk"}
-    assert read_csv(tmp_path / "out" / "labels.csv") == [
+    assert read_csv(tmp_path / "out" / "labels.csv") == [  # Cow labels no clip of the manifest: left out
         ["index", "mid", "display_name"], ["0", "/m/0jbk", "Animal"], ["1", "/m/01yrx", "Cat"],
-        ["2", "/m/01xq0k1", "Cow"], ["3", "/m/0bt9lr", "Dog"]]
+        ["2", "/m/0bt9lr", "Dog"]]
 
 
 def test_labels_csv_by_filename_without_mids(videos, tmp_path):
@@ -149,3 +155,125 @@ def test_cli_arguments_and_summary(videos, tmp_path, capsys):
     assert "4 done, 0 skipped (already done), 3 rejected" in printed and "manifest" in printed
     defaults = parser.parse_args(["v", "o"])
     assert (defaults.workers, defaults.frame_size, defaults.num_frames, defaults.seconds) == (2, 224, 16, 10.0)
+
+
+# ---------------------------------------------------------------------------- issue 17
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def twelve(tmp_path_factory) -> Path:
+    """VIDEOS/clips/v00..v11.mp4: enough decoding work for a Ctrl-C to land while workers run."""
+    root = tmp_path_factory.mktemp("twelve")
+    (root / "clips").mkdir()
+    for i in range(12):
+        write_video(root / "clips" / f"v{i:02d}.mp4", seconds=3.0)
+    return root
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """pids of the multiprocessing workers (spawn_main) whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_a_second_ctrl_c_still_ends_prepare_promptly_and_its_output_resumes(twelve, tmp_path):
+    """Item 5: `timeout -s INT` signals the process and then its group, so the parent gets SIGINT
+    twice (the second during its cleanup) and the workers once; 4 of 14 such runs hung."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "tgdp_core", "prepare", str(twelve), str(out), "--workers", "2",
+                             "--frame-size", "32", "--seconds", "3"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list((out / "audio").glob("*.wav")):  # the workers are decoding
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        workers = _spawned_children(proc.pid)
+        os.kill(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)  # a hang fails here
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted; the clips finished so far are kept" in err, err
+    assert "Traceback" not in err, err
+    assert workers and not any(_running(pid) for pid in workers)  # no worker left decoding
+    assert not list(out.rglob("*.tmp"))  # the interrupted clips' temporaries are gone
+    summary = prepare(twelve, out, workers=0, frame_size=32, seconds=3.0)
+    assert summary.skipped >= 1 and summary.done + summary.skipped == 12 and not summary.rejects
+
+
+def test_an_unusable_out_folder_is_refused_before_any_work(tmp_path):
+    """Item 10: checked first (VIDEOS does not even exist here), nothing created."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(tg.folders.FolderError, match=f"{tmp_path / 'file'} is a file, not a folder; choose another OUT"):
+        prepare(tmp_path / "no-videos", tmp_path / "file")
+    with pytest.raises(tg.folders.FolderError, match=f"cannot create the folder {tmp_path / 'file' / 'out'}"):
+        prepare(tmp_path / "no-videos", tmp_path / "file" / "out")
+    if Path("/proc/self").is_dir():  # unwritable even for root
+        with pytest.raises(tg.folders.FolderError, match="cannot write to /proc, where the folder /proc/tgdp-out"):
+            prepare(tmp_path / "no-videos", "/proc/tgdp-out")
+
+
+def test_a_changed_video_is_extracted_again(videos, tmp_path):
+    """Item 13: a video whose size or mtime changed was skipped as done."""
+    source = tmp_path / "videos" / "dog"
+    source.mkdir(parents=True)
+    for name in ("bark.mp4", "same.mp4"):
+        shutil.copy2(videos / "dog" / name, source / name)
+    out = tmp_path / "out"
+    assert prepare(source.parent, out, workers=0, **SETTINGS).done == 2
+    frame = out / "frames" / "frame_12" / "bark.jpg"
+    before = frame.read_bytes()
+    write_video(source / "bark.mp4", seconds=1.0)  # replaced: another length, so another frame 12
+    again = prepare(source.parent, out, workers=0, **SETTINGS)
+    assert (again.done, again.skipped) == (1, 1) and frame.read_bytes() != before
+    os.utime(source / "same.mp4")  # touched: same size, new mtime
+    assert (prepare(source.parent, out, workers=0, **SETTINGS).done, ) == (1, )
+    assert prepare(source.parent, out, workers=0, **SETTINGS).skipped == 2  # unchanged: done
+    (out / "sources.jsonl").unlink()  # an OUT prepared before the stamps: videos older than their wavs are done
+    assert prepare(source.parent, out, workers=0, **SETTINGS).skipped == 2
+    future = time.time() + 3600
+    os.utime(source / "bark.mp4", (future, future))
+    (out / "sources.jsonl").unlink()
+    assert prepare(source.parent, out, workers=0, **SETTINGS).done == 1  # newer than its wav: extracted again
+
+
+def test_labels_csv_lists_only_labels_of_kept_clips_and_link_loops_are_rejects(videos, tmp_path):
+    """Item 13: a label only rejected videos had, and symbolic-link loops (dropped silently)."""
+    root = tmp_path / "videos"
+    (root / "dog").mkdir(parents=True)
+    (root / "ghost").mkdir()
+    shutil.copy2(videos / "dog" / "bark.mp4", root / "dog" / "bark.mp4")
+    shutil.copy2(videos / "cat" / "broken.mp4", root / "ghost" / "broken.mp4")  # ghost's only video is bad
+    (root / "dog" / "loop.mp4").symlink_to("loop.mp4")
+    (root / "dog" / "gone.mp4").symlink_to("missing.mp4")
+    summary = prepare(root, tmp_path / "out", workers=0, **SETTINGS)
+    assert summary.done == 1
+    reasons = dict(summary.rejects)
+    assert "symbolic link loop" in reasons[str(root / "dog" / "loop.mp4")]
+    assert "broken symbolic link" in reasons[str(root / "dog" / "gone.mp4")]
+    assert "truncated" in reasons[str(root / "ghost" / "broken.mp4")]
+    assert read_csv(tmp_path / "out" / "labels.csv") == [["index", "mid", "display_name"], ["0", "dog", "dog"]]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{root / 'dog' / 'bark.mp4'}\n{root / 'dog' / 'loop.mp4'}\n")
+    listed = prepare(listing, tmp_path / "out2", workers=0, **SETTINGS)
+    assert listed.done == 1 and "symbolic link loop" in dict(listed.rejects)[str(root / "dog" / "loop.mp4")]

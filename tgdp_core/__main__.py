@@ -64,20 +64,33 @@ def cmd_step(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"step {step}: {parts}  ({took:.2f} s)")
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fields(values: list[str]) -> list[str]:
+    """--allow-change values: repeated and/or comma-separated field names."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     """Pretrain with tgdp_core.train; resumes when OUT already holds last.pt."""
     from .trainer import train
 
     cfg = config_from_args(args, overrides)
-    result = train(cfg, out_dir=args.out, resume=not args.fresh)
+    result = train(cfg, out_dir=args.out, resume=not args.fresh, allow_change=_fields(args.allow_change))
     if result.checkpoint:
         print(f"checkpoint: {result.checkpoint}\nmetrics: {result.out_dir / 'metrics.jsonl'}")
 
 
 def _add_clip_choice(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--per-class", type=int, default=0, metavar="K",
+    p.add_argument("--per-class", type=_at_least_one, default=0, metavar="K",
                    help="the first K clips of each label, in manifest order (the official protocol: 5 on VGGSound)")
-    p.add_argument("--max-clips", "--clips", dest="max_clips", type=int, default=0, metavar="N",
+    p.add_argument("--max-clips", "--clips", dest="max_clips", type=_at_least_one, default=0, metavar="N",
                    help="then the first N of those (default: all)")
 
 
@@ -115,7 +128,12 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from . import evaluate
     from .checkpoint import load_model
+    from .folders import check_writable
 
+    if args.out:  # before the work, not after it
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder; give a file name for the metrics JSON")
+        check_writable(Path(args.out).parent, "choose another --out")
     model = load_model(args.checkpoint, map_location=args.device)
     cfg = model.cfg
     if overrides:
@@ -125,6 +143,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     metrics = evaluate.evaluate_model(model, test_set, train_set, batch_size=args.batch)
     print(evaluate.markdown_table({args.name or cfg.method: metrics}))
     print(f"{len(ids)} clips" + (f" (the first {args.per_class} of each label)" if args.per_class else ""))
+    base = getattr(test_set, "dataset", test_set)  # a Subset's dataset
+    if getattr(base, "skipped", None):
+        examples = "; ".join(f"{vid}: {why}" for vid, why in list(base.skipped.items())[:3])
+        print(f"({len(base.skipped)} of the {len(base.clips)} clips in {args.manifest or cfg.data.test_manifest} were skipped "
+              f"(data.on_error=skip) and are not in the table, e.g. {examples})")
     if args.out:
         out = Path(args.out)
         with open(out, "w") as f:
@@ -262,7 +285,7 @@ def _add_clip_commands(sub) -> None:
     p.add_argument("manifest", nargs="?", help=f"the test clips: {CLIPS_HELP}")
     _add_clip_choice(p)
     p.add_argument("--train-manifest", help="also fit a linear probe on these clips' frozen features (manifest or shards)")
-    p.add_argument("--batch", type=int, default=16, help="clips per batch")
+    p.add_argument("--batch", type=_at_least_one, default=16, help="clips per batch")
     p.add_argument("--name", help="row name in the table (default: the method)")
     p.add_argument("--out", help="write the metrics as JSON here, and the evaluated clip ids beside it (.clips.txt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -273,7 +296,7 @@ def _add_clip_commands(sub) -> None:
     p.add_argument("out", metavar="OUT", help="the safetensors file to write (layout: tgdp_core/embed.py)")
     _add_clip_choice(p)
     p.add_argument("--teacher", action="store_true", help="embed with the checkpoint's EMA teacher")
-    p.add_argument("--batch", type=int, default=16, help="clips per batch")
+    p.add_argument("--batch", type=_at_least_one, default=16, help="clips per batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_embed)
     p = sub.add_parser("shard", help="a CAV-MAE manifest -> WebDataset shards with an index (for data at scale)")
@@ -295,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     _add_config_args(p)
     p.add_argument("--out", help="run folder (default: runs/<time>-<preset>-<method>); resumes if it holds last.pt")
     p.add_argument("--fresh", action="store_true", help="ignore an existing last.pt in --out")
+    p.add_argument("--allow-change", action="append", default=[], metavar="FIELD",
+                   help="on resume, let this config field differ from the checkpoint's, e.g. train.steps to "
+                        "extend a run (repeat it or separate fields with commas; any other change is refused)")
     p.set_defaults(func=cmd_train)
     _add_clip_commands(sub)
     _add_export_and_probe(sub)

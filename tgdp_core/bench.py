@@ -42,6 +42,7 @@ from .config import METHODS, PRESETS, Config
 from .dataset import AVDataset, train_loader
 from .retrieval import Retriever
 from .flops import step_flops
+from .folders import check_writable
 from .model import build_model
 from .teacher import EMATeacher, guidance_active
 from .trainer import (autocast_for, contrastive_ratio_at, make_optimizer, make_teacher, mask_generator, rec_ratio_at,
@@ -270,10 +271,10 @@ def run(preset: str = "tiny", methods: tuple[str, ...] = METHODS, batch: int | N
         embed_clips: int = 64, queries: int = 20, loader_batches: int = 20, skip: tuple[str, ...] = (),
         overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every measurement of the benchmark; returns the report (see ``markdown`` for its reading)."""
-    _check(methods, skip, device, steps)
+    _check(methods, skip, device, steps, batch)
     overrides = list(overrides)
     configs = {m: bench_config(preset, m, precision, device, overrides) for m in methods}
-    batch = batch or configs[methods[0]].train.batch_size
+    batch = batch if batch is not None else configs[methods[0]].train.batch_size
     dtype = train_dtype(precision, device)
     report: dict[str, Any] = {
         "setup": {"preset": preset, "methods": list(methods), "batch": batch, "steps": steps, "warmup": warmup,
@@ -356,7 +357,7 @@ def _target(name: str, value: float, bound: float, passed: bool | None) -> dict[
     return {"name": name, "value": value, "bound": bound, "pass": passed}
 
 
-def _check(methods: tuple[str, ...], skip: tuple[str, ...], device: str, steps: int) -> None:
+def _check(methods: tuple[str, ...], skip: tuple[str, ...], device: str, steps: int, batch: int | None) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
@@ -367,6 +368,8 @@ def _check(methods: tuple[str, ...], skip: tuple[str, ...], device: str, steps: 
         raise ValueError("--device cuda: no CUDA device is available")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {batch} (leave it out for the preset's batch size)")
 
 
 def _machine(device: str) -> str:
@@ -470,6 +473,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, overrides: list[str]) -> int:
     """Run the benchmark, print the markdown, write the JSON and markdown files under ``--out``."""
+    if args.out:  # checked before minutes of measuring, not after
+        check_writable(Path(args.out).parent, "choose another --out")
     if args.loaders:
         from . import loadbench
 

@@ -157,8 +157,30 @@ def teacher_encoder_from(data: dict[str, Any], model: TGDPModel | None = None,
     return teacher.encoder
 
 
+def non_finite(tree: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity anywhere in ``tree`` (a state
+    dict, an optimiser state, a checkpoint payload: nested dicts, lists and tensors)."""
+    if isinstance(tree, torch.Tensor):
+        return [prefix] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    if isinstance(tree, dict):
+        return [name for k, v in tree.items() for name in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [name for i, v in enumerate(tree) for name in non_finite(v, f"{prefix}[{i}]")]
+    return []
+
+
+def describe_non_finite(bad: list[str], total: int | None = None) -> str:
+    """"3 of 111 tensors hold NaN or infinite values (a, b, c)" for ``non_finite``'s names."""
+    count = f"{len(bad)} of {total}" if total is not None else f"{len(bad)}"
+    return f"{count} tensors hold NaN or infinite values (" + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") + ")"
+
+
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str = "state dict") -> None:
-    """load_state_dict(strict=True) with an error that lists missing, unexpected and misshapen keys."""
+    """load_state_dict(strict=True) with an error that lists missing, unexpected and misshapen keys.
+
+    Weights holding NaN or infinity are refused too: a model built from them answers every
+    query with "nan" (a diverged run's last checkpoint, issue 17).
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -170,6 +192,10 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"{where}: {describe_non_finite(bad, len(state))}: the run that saved it diverged; "
+                              "use an earlier checkpoint")
     model.load_state_dict(state, strict=True)
 
 

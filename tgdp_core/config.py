@@ -343,8 +343,8 @@ class Config:
                 problems.append(f"{name}={share} is a share of train.steps: it must lie in [0, 1]")
         if self.train.probe_every < 0:
             problems.append(f"train.probe_every must be >= 0 (0 = off), got {self.train.probe_every}")
-        if o.temperature <= 0:
-            problems.append("objective.temperature must be positive")
+        if not (math.isfinite(o.temperature) and o.temperature > 0):
+            problems.append(f"objective.temperature={o.temperature} must be a finite number > 0")
         if self.method in ("tgdp", "sync") and not m.global_token:
             problems.append(f"method {self.method!r} needs model.global_token=True (its features are global tokens)")
         if self.method == "cavmae" and m.global_token:
@@ -366,8 +366,19 @@ class Config:
         if not 0.0 <= self.teacher.momentum_start <= self.teacher.momentum_end <= 1.0:
             problems.append("teacher momentum must satisfy 0 <= momentum_start <= momentum_end <= 1")
         problems += self.train.problems()
+        problems += _range_problems(self)
         if problems:
             raise ValueError("invalid config: " + "; ".join(problems))
+
+    def differences(self, other: "Config") -> dict[str, tuple[Any, Any]]:
+        """{"section.field": (value here, value in ``other``)} for every field that differs."""
+        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        return {k: (mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
+
+    def check_field(self, key: str) -> str:
+        """``key`` if it names a field ("train.steps"); else ValueError with the valid names."""
+        self._resolve(key)
+        return key
 
     # ---------------------------------------------------------------- helpers
     def _field_type(self, key: str) -> Any:
@@ -386,6 +397,10 @@ class Config:
             where = ".".join(parts[:-1]) or "config"
             raise ValueError(f"unknown field {parts[-1]!r} in {where}; valid fields: {', '.join(names)}")
         return owner, parts[-1]
+
+    def _get(self, key: str) -> Any:
+        owner, name = self._resolve(key)
+        return getattr(owner, name)
 
     def _set(self, key: str, value: Any) -> None:
         owner, name = self._resolve(key)
@@ -419,6 +434,40 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
             part[new] = min(1.0, part.pop(old) / max(steps, 1))
             data[section] = part
     return data
+
+
+# (field, lowest valid value): counts and sizes that make no sense below it (issue 17)
+_AT_LEAST = [("train.batch_size", 1), ("train.steps", 1), ("train.log_every", 1), ("train.checkpoint_every", 1),
+             ("train.keep_checkpoints", 1), ("train.warmup_steps", 0), ("data.workers", 0), ("data.frames_per_clip", 1),
+             ("data.clip_frames", 1), ("data.sample_rate", 1)]
+# (field, strictly positive?): floats that must be finite, and > 0 or >= 0 (lr 0: weights held
+# where they start, a test of the loop)
+_FINITE = [("train.lr", False), ("data.fbank_std", True), ("train.weight_decay", False), ("train.grad_clip", False)]
+
+
+def _range_problems(cfg: "Config") -> list[str]:
+    problems = []
+    for key, low in _AT_LEAST:
+        value = cfg._get(key)
+        if value < low:
+            problems.append(f"{key}={value} must be >= {low}")
+    for key, positive in _FINITE:
+        value = cfg._get(key)
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            problems.append(f"{key}={value} must be a finite number {'> 0' if positive else '>= 0'}")
+    if not all(0.0 <= b < 1.0 for b in cfg.train.betas):
+        problems.append(f"train.betas={tuple(cfg.train.betas)} must lie in [0, 1)")
+    return problems
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _sections() -> tuple[str, ...]:

@@ -17,11 +17,13 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import media
 from .config import Config
+from .folders import check_writable
 
 CACHE_VERSION = 1
 
@@ -46,17 +49,29 @@ class Clip:
         return os.path.join(self.video_path, f"frame_{i}", f"{self.video_id}.jpg")
 
 
+MANIFEST_SHAPE = '{"data": [{"video_id": ..., "wav": ..., "video_path": ..., "labels": ...}, ...]}'
+
+
 def read_manifest(path: str | Path) -> list[Clip]:
     """Clips of a CAV-MAE manifest JSON; a malformed file or entry raises naming both."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such manifest (make one with `python -m tgdp_core prepare VIDEOS OUT`)")
     try:
-        entries = json.loads(path.read_text())["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a CAV-MAE manifest ({{\"data\": [...]}} expected): {err}") from err
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a CAV-MAE manifest ({MANIFEST_SHAPE} expected): {err}") from err
+    entries = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        found = f"its \"data\" is {type(entries).__name__}" if isinstance(document, dict) and "data" in document \
+            else f"it holds {type(document).__name__} {_brief(document)}"
+        raise ValueError(f"{path}: not a CAV-MAE manifest: expected {MANIFEST_SHAPE}, a list of clip objects, "
+                         f"but {found}")
     clips = []
     for n, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: entry {n} is {type(e).__name__} {_brief(e)}, not an object with video_id, "
+                             f"wav, video_path ({MANIFEST_SHAPE})")
         missing = [k for k in ("video_id", "wav", "video_path") if k not in e]
         if missing:
             raise ValueError(f"{path}: entry {n} lacks {', '.join(missing)}")
@@ -66,6 +81,11 @@ def read_manifest(path: str | Path) -> list[Clip]:
     if not clips:
         raise ValueError(f"{path}: the manifest holds no clips")
     return clips
+
+
+def _brief(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read_label_csv(path: str | Path) -> tuple[dict[str, int], list[str]]:
@@ -146,15 +166,45 @@ class ClipReader:
 
     def fbank_segment(self, clip: Clip, start: int, length: int) -> torch.Tensor:
         """Rows [start, start + length) of the clip's fbank, computing only those (media.fbank_segment)."""
-        wave = media.read_audio(clip.wav, self.d.sample_rate)
-        return media.fbank_segment(wave, start, length, self.d.sample_rate, self.m.mel_bins, self.d.clip_frames,
-                                   mean=self.d.fbank_mean, std=self.d.fbank_std)
+        wave = media.read_audio(clip.wav, self.d.sample_rate)  # refuses absurd sample values
+        features = media.fbank_segment(wave, start, length, self.d.sample_rate, self.m.mel_bins, self.d.clip_frames,
+                                       mean=self.d.fbank_mean, std=self.d.fbank_std)
+        if not torch.isfinite(features).all():  # would train to NaN at the first step (issue 17)
+            raise media.MediaError(clip.wav, "its fbank holds NaN or infinite values")
+        return features
 
     def frame(self, clip: Clip, i: int) -> np.ndarray:
         return media.load_frame(clip.frame_path(i), self.m.image_size)
 
     def frames(self, clip: Clip) -> np.ndarray:
         return np.stack([self.frame(clip, i) for i in range(self.d.frames_per_clip)])
+
+
+def check_layout(clips: list[Clip], cfg: Config, manifest: str | Path) -> None:
+    """Compare the first clip's files with what ``cfg.data`` reads (issue 17): fewer frames per
+    clip than ``frames_per_clip`` is an error giving both counts and the fix; more frames, or
+    more audio than ``clip_frames`` holds, is a warning saying what is used."""
+    d, clip = cfg.data, clips[0]
+    have = 0
+    while have <= d.frames_per_clip and os.path.isfile(clip.frame_path(have)):
+        have += 1
+    folder = Path(clip.video_path)
+    if 0 < have < d.frames_per_clip and not (folder / f"frame_{have}").is_dir():
+        raise ValueError(f"{manifest}: the data has {have} frames per clip (frame_0 .. frame_{have - 1} in {folder}), "
+                         f"the config reads {d.frames_per_clip} (data.frames_per_clip): set "
+                         f"--data.frames_per_clip={have}, or prepare the videos with --num-frames {d.frames_per_clip}")
+    if have > d.frames_per_clip:
+        warnings.warn(f"{manifest}: the data has more than {d.frames_per_clip} frames per clip; only frame_0 .. "
+                      f"frame_{d.frames_per_clip - 1} are used (data.frames_per_clip={d.frames_per_clip})", stacklevel=3)
+    try:
+        info = sf.info(clip.wav)
+    except (sf.SoundFileError, RuntimeError, OSError):
+        return  # the cache build reports the file
+    available = media.fbank_frame_count(round(info.frames / info.samplerate * d.sample_rate), d.sample_rate)
+    if available > d.clip_frames:
+        warnings.warn(f"{manifest}: {clip.wav} holds {info.frames / info.samplerate:.2f} s of audio; only the first "
+                      f"{d.clip_frames * media.FRAME_SHIFT_MS / 1000:.2f} s are used (data.clip_frames={d.clip_frames}; "
+                      f"{available} would hold it all)", stacklevel=3)
 
 
 # ---------------------------------------------------------------------- feature cache
@@ -190,6 +240,8 @@ class FeatureCache:
     def open_or_build(cls, clips: list[Clip], cfg: Config, folder: str | Path, desc: str = "caching") -> "FeatureCache":
         folder = Path(folder) / cls.key(clips, cfg)
         if not (folder / "meta.json").exists():
+            check_writable(folder.parent, "set data.cache_dir to a writable folder (--data.cache_dir=DIR), "
+                                          "or data.cache=false")
             cls._build(clips, cfg, folder, desc)
         return cls(folder)
 
@@ -253,6 +305,7 @@ class AVDataset(Dataset):
     def __init__(self, manifest: str | Path, cfg: Config, train: bool, cache_dir: str | Path | None = None):
         self.cfg, self.train = cfg, train
         self.clips = read_manifest(manifest)
+        check_layout(self.clips, cfg, manifest)
         label_csv = label_csv_for(cfg, manifest)
         self.label_index, self.label_names = read_label_csv(label_csv) if label_csv else (None, [])
         self.labels = multi_hot(self.clips, self.label_index)
@@ -264,7 +317,25 @@ class AVDataset(Dataset):
             self.cache = FeatureCache.open_or_build(self.clips, cfg, folder, desc=f"caching {Path(manifest).name}")
         failed = self.cache.failed if self.cache else {}
         self.valid = [n for n in range(len(self.clips)) if n not in failed]
-        self.skipped = {self.clips[n].video_id: reason for n, reason in failed.items()}
+        self.skipped = {self.clips[n].video_id: reason.removeprefix(f"{self.clips[n].video_id}: ")
+                        for n, reason in failed.items()}
+        self._check_usable(manifest, failed)
+
+    def _check_usable(self, manifest: str | Path, failed: dict[int, str]) -> None:
+        """Clips the cache recorded as failed: an error under ``on_error=raise`` (the cache may
+        have been built with ``skip``), a warning with the count under ``skip``; no usable clip
+        at all is an error either way."""
+        if failed and self.cfg.data.on_error == "raise":
+            raise media.MediaError(f"{next(iter(failed.values()))} (recorded when the feature cache "
+                                   f"{self.cache.folder} was built with data.on_error=skip; fix the file, or set "
+                                   "data.on_error=skip to leave such clips out)")
+        first = "; ".join(f"{vid}: {why}" for vid, why in list(self.skipped.items())[:3])
+        if not self.valid:
+            raise ValueError(f"{manifest}: no usable clips: all {len(self.clips)} were skipped (data.on_error=skip), "
+                             f"e.g. {first}; fix the files or the manifest")
+        if failed:
+            warnings.warn(f"{manifest}: {len(failed)} of {len(self.clips)} clips were skipped (data.on_error=skip) "
+                          f"and are left out, e.g. {first}", stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -328,6 +399,8 @@ class StepSampler(Sampler):
                  start_step: int, total_steps: int, rank: int = 0, world: int = 1):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} is not divisible by {world} ranks")
+        if num_clips < 1:
+            raise ValueError("the training set holds no usable clips")
         self.n, self.k, self.batch, self.seed = num_clips, frames_per_clip, global_batch, seed
         self.start, self.total, self.rank, self.world = start_step, total_steps, rank, world
 

@@ -24,6 +24,7 @@ continuous embeddings exact ties are rare and both conventions agree.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -168,6 +169,7 @@ def retrieval_metrics(audio_emb: torch.Tensor, visual_emb: torch.Tensor, labels:
     sim = clip_similarity(audio_emb, visual_emb)
     if sim.shape[0] != sim.shape[1]:
         raise ValueError(f"retrieval needs paired clips, got {sim.shape[0]} audio and {sim.shape[1]} visual")
+    warn_small_gallery(sim.shape[0], ks)
     relevant = None if labels is None else label_relevance(torch.as_tensor(labels, device=sim.device))
     out = {}
     for direction, s in (("A->V", sim), ("V->A", sim.T)):
@@ -178,6 +180,18 @@ def retrieval_metrics(audio_emb: torch.Tensor, visual_emb: torch.Tensor, labels:
             rel = relevant if direction == "A->V" else relevant.T
             out.update({f"{direction} {key}": value for key, value in precision_at_k(s, rel, ks, ties).items()})
     return out
+
+
+def warn_small_gallery(n: int, ks: Sequence[int] = (1, 5, 10)) -> bool:
+    """Warn (and return True) when a gallery of ``n`` clips is too small for R@k to mean much:
+    below 2 * max(ks) clips a random ranking already scores R@max(k) >= 50 % (at n <= k, 100 %)."""
+    if n >= 2 * max(ks):
+        return False
+    k = max(ks)
+    warnings.warn(f"retrieval over a gallery of only {n} clip(s): a random ranking scores R@1 {100 / n:.0f} % and "
+                  f"R@{k} {100 * min(k, n) / n:.0f} %, so these figures say little about the model; use at least "
+                  f"{2 * k} clips (hundreds for figures worth comparing)", stacklevel=3)
+    return True
 
 
 # ---------------------------------------------------------------------------- classification metrics

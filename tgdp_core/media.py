@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +35,13 @@ from PIL import Image
 from .formats import FBANK_MEAN, FBANK_STD, FRAME_LENGTH_MS, FRAME_SHIFT_MS, IMAGENET_MEAN, IMAGENET_STD, SAMPLE_RATE
 
 JPEG_QUALITY = 90
+# Audio samples lie in [-1, 1]; a file whose samples reach this is not audio at its true level
+# (e.g. a float WAV holding integer-scaled values): 40 dB over full scale. Its fbank would sit
+# far off the normalisation (1e30 overflows it to inf, issue 17).
+MAX_SAMPLE_MAGNITUDE = 100.0
+# Images larger than this are refused from their header, before decoding: 40 megapixels is
+# 120 MB of RGB, far beyond any frame or query; PIL itself only warns up to 179 megapixels.
+MAX_IMAGE_PIXELS = 40_000_000
 # A file whose decodable content ends this much before the duration its header declares is
 # truncated (e.g. a WebM cut short still declares the full length and decodes to the cut).
 TRUNCATION_TOLERANCE_S = 0.5
@@ -89,10 +97,20 @@ def _decode_audio(source, name: str | os.PathLike, sample_rate: int) -> torch.Te
         raise MediaError(name, "audio file is empty (0 samples)")
     if not np.isfinite(data).all():
         raise MediaError(name, "audio contains NaN or infinite samples")
+    peak = float(np.abs(data).max())
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise MediaError(name, f"samples reach {peak:.3g}, far outside the [-1, 1] range of audio samples "
+                               "(a float file holding unscaled values?)", "rescale it to [-1, 1]")
     waveform = torch.from_numpy(data[:, 0] if data.shape[1] == 1 else data.mean(axis=1))  # (T,); mono as it is
     if rate != sample_rate:
         waveform = torchaudio.functional.resample(waveform, rate, sample_rate)
     return waveform
+
+
+def fbank_frame_count(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
+    """How many fbank frames ``fbank`` computes from ``num_samples`` samples (before pad/crop)."""
+    window, shift = int(sample_rate * FRAME_LENGTH_MS / 1000), int(sample_rate * FRAME_SHIFT_MS / 1000)
+    return 0 if num_samples < window else 1 + (num_samples - window) // shift
 
 
 def fbank(waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE, mel_bins: int = 128, num_frames: int = 1024,
@@ -149,18 +167,50 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def load_frame(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """An image file as uint8 RGB (image_size, image_size, 3): bicubic resize + centre crop."""
+def load_frame(path: str | os.PathLike, image_size: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An image file as uint8 RGB (image_size, image_size, 3): bicubic resize + centre crop.
+
+    An image of more than ``max_pixels`` pixels is refused as too large from its header, before
+    any decoding (None: only PIL's own limit applies).
+    """
     _check_file(path)
-    return decode_frame(Path(path).read_bytes(), image_size, name=str(path))
+    return decode_frame(Path(path).read_bytes(), image_size, name=str(path), max_pixels=max_pixels)
 
 
-def decode_frame(data: bytes, image_size: int, name: str = "image bytes") -> np.ndarray:
+def image_dimensions(data: bytes, name: str = "image bytes") -> tuple[int, int]:
+    """(width, height) from encoded image bytes' header; nothing is decoded.
+
+    MediaError when the bytes are not an image PIL can read, or one so large that PIL refuses
+    even to open it (more than 2 x ``PIL.Image.MAX_IMAGE_PIXELS``, its decompression-bomb guard).
+    """
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        return width, height
+    except ValueError:  # not a JPEG simplejpeg reads: PIL's header parsers decide
+        pass
+    try:
+        with warnings.catch_warnings():  # PIL warns from half its limit on; the caller decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError as err:
+        raise MediaError(name, f"too large to decode: {err}") from None
+    except OSError as err:
+        raise MediaError(name, f"not an image PIL can read (JPEG, PNG, WebP, ...): {err}") from None
+
+
+def decode_frame(data: bytes, image_size: int, name: str = "image bytes",
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """``load_frame`` for encoded image bytes (a shard's JPEG member): uint8 RGB (image_size, image_size, 3).
 
     JPEGs decode with simplejpeg (libjpeg-turbo, the same pixels as PIL's decoder and faster:
     ``bench``'s loader section); other formats, and sizes other than image_size, go through PIL.
+    More than ``max_pixels`` pixels is refused from the header as too large (issue 17).
     """
+    width, height = image_dimensions(data, name)
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaError(name, f"too large: {width} x {height} pixels; images are limited to "
+                               f"{max_pixels / 1e6:g} megapixels", "resize it")
     try:
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB")  # (H, W, 3) uint8
     except ValueError:  # not a JPEG simplejpeg reads (PNG, CMYK, corrupt): PIL decides
@@ -218,10 +268,15 @@ def clip_paths(out_dir: str | os.PathLike, video_id: str, num_frames: int = 16) 
     return out / "audio" / f"{video_id}.wav", frames
 
 
+def temporary_name(path: Path, pid: int | None = None) -> Path:
+    """Where ``write_atomic`` in process ``pid`` (default: this one) writes ``path`` first."""
+    return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}.tmp")
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     """Write via a temporary name in the same folder and os.replace, so readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     try:
         write(str(tmp))
         os.replace(tmp, path)

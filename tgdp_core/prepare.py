@@ -6,8 +6,11 @@
     OUT/labels.csv                            index,mid,display_name
     OUT/rejects.csv                           path,reason: every video that could not be used
     OUT/prepare.json                          the settings, so a resumed run cannot mix two
+    OUT/sources.jsonl                         each clip's video as extracted: path, size, mtime
 
-Runs are resumable: a clip whose wav and frames all exist is skipped (and kept in the manifest).
+Runs are resumable: a clip whose wav and frames all exist and whose video is unchanged since
+it was extracted (same size and modification time) is skipped and kept in the manifest; Ctrl-C
+stops the workers at once (a second one cannot hang it) and keeps every finished clip.
 A bad video never stops the batch; it is listed with its reason in the summary and rejects.csv.
 """
 from __future__ import annotations
@@ -19,8 +22,12 @@ import io
 import json
 import multiprocessing
 import re
+import signal
+import sys
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -30,11 +37,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .folders import check_writable
 from .formats import SAMPLE_RATE
-from .media import MediaError, clip_paths, extract_clip, write_atomic
+from .media import MediaError, clip_paths, extract_clip, temporary_name, write_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 SHOWN_REJECTS = 20  # rejects printed in the summary; all of them are in rejects.csv
+SOURCES = "sources.jsonl"  # one line per extracted clip: {"video_id", "path", "size", "mtime_ns"}
 
 LABELS_HELP = """\
 labels: without --labels a video's label is the name of the folder that holds it
@@ -49,7 +58,7 @@ With --labels CSV, the CSV has a header row and one row per video:
             Without it a label's id (its mid in labels.csv and the manifest) is its name.
 `label` and `mid` are accepted for `labels` and `mids`; a CSV may give mids only. A video listed
 twice gets the labels of both rows; a video the CSV does not list is rejected.
-labels.csv lists every label the CSV (or the folders) name, sorted by display name.
+labels.csv lists every label that some clip of the manifest has, sorted by display name.
 """
 
 Label = tuple[str, str]  # (mid, display_name)
@@ -110,8 +119,9 @@ def prepare(videos: str | Path, out_dir: str | Path, labels_csv: str | Path | No
         raise ValueError(f"num_frames ({num_frames}), frame_size ({frame_size}) and seconds ({seconds}) "
                          "must be positive")
     out = Path(out_dir).resolve()
-    found = _assign_ids(find_videos(videos))
-    rejects: list[tuple[str, str]] = []
+    check_writable(out, "choose another OUT folder", create=False)
+    listed, rejects = find_videos(videos)
+    found = _assign_ids(listed)
     notes: list[str] = []
     if labels_csv is None:
         vocabulary = _folder_labels(found)
@@ -124,7 +134,8 @@ def prepare(videos: str | Path, out_dir: str | Path, labels_csv: str | Path | No
     _claim(out, {"sample_rate": SAMPLE_RATE, "seconds": float(seconds), "num_frames": num_frames,
                  "frame_size": frame_size})
 
-    pending = [v for v in found if not _complete(out, v.video_id, num_frames)]
+    sources = _read_sources(out)
+    pending = [v for v in found if not _complete(out, v, num_frames, sources.get(v.video_id))]
     extracted, failed = _extract_all(pending, out, workers, frame_size=frame_size, num_frames=num_frames,
                                      seconds=seconds)
     rejects += failed
@@ -137,8 +148,10 @@ def prepare(videos: str | Path, out_dir: str | Path, labels_csv: str | Path | No
                 "video_path": str(out / "frames"), "labels": ",".join(mid for mid, _ in v.labels)}
                for v in sorted(kept, key=lambda v: v.video_id)]
     write_atomic(manifest, lambda tmp: Path(tmp).write_text(json.dumps({"data": entries}, indent=1) + "\n"))
+    _write_sources(out, kept, {**sources, **_read_sources(out)})
+    used = {label for v in kept for label in v.labels}  # labels only rejected videos had are left out
     _write_csv(out / "labels.csv", ["index", "mid", "display_name"],
-               [(i, mid, name) for i, (mid, name) in enumerate(vocabulary)])
+               [(i, mid, name) for i, (mid, name) in enumerate(label for label in vocabulary if label in used)])
     _write_csv(out / "rejects.csv", ["path", "reason"], rejects)
     padded = sum(1 for r in extracted.values() if r["audio_seconds"] < seconds - 1e-3 or r["padded_frames"])
     return PrepareSummary(done=len(extracted), skipped=len(found) - len(pending), rejects=rejects,
@@ -146,8 +159,9 @@ def prepare(videos: str | Path, out_dir: str | Path, labels_csv: str | Path | No
 
 
 # ---------------------------------------------------------------------------- inputs
-def find_videos(videos: str | Path) -> list[tuple[Path, str]]:
-    """(absolute path, key) of every video in a folder (recursive) or listed in a text file.
+def find_videos(videos: str | Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """(absolute path, key) of every video in a folder (recursive) or listed in a text file, and
+    (path, reason) of the video names that cannot be followed: symbolic-link loops, links to nothing.
 
     The key is the path relative to the folder, or the list file's line as written; it
     disambiguates ids of files that share a stem. A file listed twice counts once (its first
@@ -155,21 +169,30 @@ def find_videos(videos: str | Path) -> list[tuple[Path, str]]:
     """
     root = Path(videos)
     if root.is_dir():
-        found = [(p.resolve(), p.relative_to(root).as_posix()) for p in root.rglob("*")
-                 if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()]
+        named = [(p, p.relative_to(root).as_posix()) for p in root.rglob("*")
+                 if p.suffix.lower() in VIDEO_EXTENSIONS and (p.is_file() or p.is_symlink())]
         where = f"under {root} (searched for {' '.join(VIDEO_EXTENSIONS)}, any case)"
     elif root.is_file():
         lines = [line.strip() for line in root.read_text().splitlines()]
-        found = [((root.parent / line).resolve(), line) for line in lines if line and not line.startswith("#")]
+        named = [(root.parent / line, line) for line in lines if line and not line.startswith("#")]
         where = f"listed in {root}"
     else:
         raise ValueError(f"VIDEOS {root} is neither a folder of videos nor a text file listing them")
-    if not found:
-        raise ValueError(f"no videos {where}")
     unique: dict[Path, str] = {}
-    for path, key in found:
-        unique.setdefault(path, key)
-    return sorted(unique.items())
+    unusable = []
+    for path, key in named:
+        try:
+            resolved = path.resolve()
+        except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError for a loop, later ones OSError
+            unusable.append((str(path.absolute()), "a symbolic link loop (the link leads back to itself)"))
+            continue
+        if path.is_symlink() and not resolved.exists():
+            unusable.append((str(path.absolute()), f"a broken symbolic link (its target {resolved} does not exist)"))
+            continue
+        unique.setdefault(resolved, key)
+    if not unique and not unusable:
+        raise ValueError(f"no videos {where}")
+    return sorted(unique.items()), unusable
 
 
 def _assign_ids(found: list[tuple[Path, str]]) -> list[_Video]:
@@ -264,51 +287,149 @@ def _claim(out: Path, settings: dict[str, Any]) -> None:
     write_atomic(record, lambda tmp: Path(tmp).write_text(json.dumps(settings) + "\n"))
 
 
-def _complete(out: Path, video_id: str, num_frames: int) -> bool:
-    # Every file is renamed into place only once fully written, so existence means complete.
-    wav, frames = clip_paths(out, video_id, num_frames)
-    return wav.exists() and all(frame.exists() for frame in frames)
+def _complete(out: Path, video: _Video, num_frames: int, recorded: dict[str, Any] | None) -> bool:
+    """Whether the clip is done: every file exists (each is renamed into place only once fully
+    written) and the video is the one extracted: the size and mtime ``sources.jsonl`` recorded,
+    or, for clips extracted before it existed, no newer than the wav. A video that is gone is
+    trusted to be the one extracted (its clip stays)."""
+    wav, frames = clip_paths(out, video.video_id, num_frames)
+    if not (wav.exists() and all(frame.exists() for frame in frames)):
+        return False
+    try:
+        now = _stamp(video.path)
+    except OSError:
+        return True
+    if recorded is None:
+        return now["mtime_ns"] <= wav.stat().st_mtime_ns
+    return recorded == now
+
+
+def _stamp(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_sources(out: Path) -> dict[str, dict[str, Any]]:
+    """{video_id: stamp} from OUT/sources.jsonl; the last line per clip wins, a line cut short by a kill is ignored."""
+    try:
+        lines = (out / SOURCES).read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    stamps = {}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            stamps[entry.pop("video_id")] = entry
+        except (ValueError, KeyError, AttributeError):
+            continue
+    return stamps
+
+
+def _write_sources(out: Path, kept: list[_Video], stamps: dict[str, dict[str, Any]]) -> None:
+    """Rewrite OUT/sources.jsonl with one line per clip of the manifest (compacting the appends)."""
+    lines = [json.dumps({"video_id": v.video_id, **stamps[v.video_id]}) + "\n" for v in kept if v.video_id in stamps]
+    write_atomic(out / SOURCES, lambda tmp: Path(tmp).write_text("".join(lines)))
 
 
 # ---------------------------------------------------------------------------- extraction
 def _extract_all(videos: list[_Video], out: Path, workers: int,
                  **settings: Any) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
     """Extract every video, in ``workers`` processes. Returns ({video_id: extract_clip result},
-    [(path, reason)] of the failures)."""
+    [(path, reason)] of the failures). Each finished clip's video stamp is appended to
+    OUT/sources.jsonl at once, so an interrupted run keeps it."""
     extracted: dict[str, dict[str, Any]] = {}
     failed: list[tuple[str, str]] = []
+    stamps = {v.video_id: _stamp(v.path) for v in videos if v.path.exists()}  # as read, before extraction
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(videos), desc="prepare", unit="video", disable=not videos) as bar, \
+            open(out / SOURCES, "a") as sources:
 
-    def collect(video: _Video, outcome: tuple[dict[str, Any] | None, str]) -> None:
-        result, reason = outcome
-        if result is None:
-            failed.append((str(video.path), reason))
-        else:
-            extracted[video.video_id] = result
+        def collect(video: _Video, outcome: tuple[dict[str, Any] | None, str]) -> None:
+            result, reason = outcome
+            if result is None:
+                failed.append((str(video.path), reason))
+            else:
+                extracted[video.video_id] = result
+                if video.video_id in stamps:
+                    sources.write(json.dumps({"video_id": video.video_id, **stamps[video.video_id]}) + "\n")
+                    sources.flush()
+            bar.update()
 
-    with tqdm(total=len(videos), desc="prepare", unit="video", disable=not videos) as bar:
         if workers <= 1 or len(videos) <= 1:
             for video in videos:
                 collect(video, _extract_one(video.path, out, video.video_id, settings))
-                bar.update()
         else:
-            # spawn: decoding in a fork of a process that has started torch's threads can deadlock.
-            context = multiprocessing.get_context("spawn")
-            # One decoding thread per process: the processes already use the cores.
-            pool = ProcessPoolExecutor(min(workers, len(videos)), mp_context=context,
-                                       initializer=torch.set_num_threads, initargs=(1,))
-            try:
-                futures = {pool.submit(_extract_one, v.path, out, v.video_id, settings): v for v in videos}
-                for future in as_completed(futures):
-                    try:
-                        outcome = future.result()
-                    except BrokenProcessPool:
-                        outcome = (None, "a worker process died (this or another video crashed the decoder); "
-                                         "run prepare again to retry, finished clips are kept")
-                    collect(futures[future], outcome)
-                    bar.update()
-            finally:
-                pool.shutdown(cancel_futures=True)  # on Ctrl-C, do not work through the queue first
+            _extract_parallel(videos, out, min(workers, len(videos)), settings, collect)
     return extracted, failed
+
+
+def _extract_parallel(videos: list[_Video], out: Path, workers: int, settings: dict[str, Any], collect) -> None:
+    """``_extract_one`` of every video in ``workers`` spawned processes, results to ``collect``.
+
+    Ctrl-C (or any error) stops the workers at once instead of letting them finish their
+    videos: what is finished is complete, what is not has only temporary files, which are
+    removed. The workers ignore SIGINT, so only this process decides.
+    """
+    # spawn: decoding in a fork of a process that has started torch's threads can deadlock.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    before = set(multiprocessing.active_children())
+    futures = {}
+    try:
+        with _sigint_ignored():  # inherited: the workers start (on the first submits) ignoring Ctrl-C
+            for v in videos[:workers]:
+                futures[pool.submit(_extract_one, v.path, out, v.video_id, settings)] = v
+        processes = [p for p in multiprocessing.active_children() if p not in before]
+        for v in videos[workers:]:
+            futures[pool.submit(_extract_one, v.path, out, v.video_id, settings)] = v
+        for future in as_completed(futures):
+            try:
+                outcome = future.result()
+            except BrokenProcessPool:
+                outcome = (None, "a worker process died (this or another video crashed the decoder); "
+                                 "run prepare again to retry, finished clips are kept")
+            collect(futures[future], outcome)
+    except BaseException:
+        with _sigint_ignored():  # milliseconds of cleanup that a second Ctrl-C must not cut short
+            pool.shutdown(wait=False, cancel_futures=True)
+            processes = [p for p in multiprocessing.active_children() if p not in before]
+            _stop(processes, [futures[f] for f in futures if not f.done()], out, settings["num_frames"])
+        raise
+    pool.shutdown()
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent handles it
+    torch.set_num_threads(1)  # one decoding thread per process: the processes already use the cores
+
+
+def _stop(processes: list, unfinished: list[_Video], out: Path, num_frames: int) -> None:
+    """Terminate the worker ``processes`` now and delete the temporary files they were writing
+    for the ``unfinished`` clips (write_atomic names them after the writer's pid)."""
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for video in unfinished:
+        wav, frames = clip_paths(out, video.video_id, num_frames)
+        for path in (wav, *frames):
+            for p in processes:
+                temporary_name(path, p.pid).unlink(missing_ok=True)
+
+
+@contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside the block (in the main thread; no other thread can set signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _extract_one(path: Path, out: Path, video_id: str, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
@@ -354,7 +475,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run prepare from parsed arguments and print its summary; exit status 0 when the manifest
     holds at least one clip, 1 otherwise. Bad arguments raise ValueError."""
-    summary = prepare(args.videos, args.out, labels_csv=args.labels, workers=args.workers,
-                      frame_size=args.frame_size, num_frames=args.num_frames, seconds=args.seconds)
+    try:
+        summary = prepare(args.videos, args.out, labels_csv=args.labels, workers=args.workers,
+                          frame_size=args.frame_size, num_frames=args.num_frames, seconds=args.seconds)
+    except KeyboardInterrupt:
+        print(f"\nprepare: interrupted; the clips finished so far are kept in {args.out}: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     print(summary)
     return 0 if summary.done + summary.skipped else 1

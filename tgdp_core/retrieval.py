@@ -31,7 +31,6 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from . import evaluate, media
 from .checkpoint import FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint, teacher_encoder_from
@@ -192,16 +191,8 @@ class Retriever:
     def image_query(self, path: str | Path, name: str | None = None) -> ImageQuery:
         """Embed one image (resized and centre-cropped like the gallery's frames)."""
         name = name or Path(path).name
-        try:
-            with Image.open(path) as image:  # reads the header only
-                width, height = image.size
-        except (OSError, Image.DecompressionBombError):
-            raise QueryError(f"{name} is not an image this demo can read (JPEG, PNG, WebP, ...)") from None
-        if width * height > MAX_IMAGE_PIXELS:
-            raise QueryError(f"{name} is {width} x {height} pixels; images are limited to "
-                             f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels")
-        try:
-            frame = media.load_frame(path, self.cfg.model.image_size)  # (S, S, 3) uint8
+        try:  # (S, S, 3) uint8; an image too large is refused from its header, before decoding
+            frame = media.load_frame(path, self.cfg.model.image_size, max_pixels=MAX_IMAGE_PIXELS)
         except media.MediaError as err:
             raise QueryError(f"{name}: {err.reason}") from None
         x = media.normalize_frames(frame.copy())[None].to(self.device)  # (1, 3, S, S); PIL's array is read-only

@@ -11,6 +11,8 @@ one step for step.
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 import time
@@ -26,9 +28,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import dist, tracking
+from . import dist, folders, tracking
 from .config import Config
 from .masking import BatchSlice
+from .media import write_atomic
 from .model import TGDPModel, build_model
 from .teacher import EMATeacher, guidance_active, momentum_at, needs_teacher
 
@@ -109,7 +112,8 @@ def mask_generator(cfg: Config, step: int, device: torch.device) -> torch.Genera
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the step was not applied."""
+    """The loss, the gradients or the weights became NaN or infinite; the step was not applied,
+    or (weights) not saved, so every checkpoint of the run holds finite weights."""
 
 
 def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: torch.optim.Optimizer,
@@ -141,8 +145,12 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
         raise NonFiniteLossError(f"non-finite loss at step {step}: "
                                  + ", ".join(f"{k}={v.item():.4g}" for k, v in out.parts.items()))
     out.loss.backward()
-    grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
-                 if cfg.train.grad_clip > 0 else torch.tensor(math.nan))
+    grad_norm = _grad_norm(student, cfg.train.grad_clip)
+    # A finite loss can still back-propagate to NaN or infinite gradients (an overflow), and
+    # Adam would write them into every weight: check before the update, not after (issue 17).
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteLossError(f"non-finite gradient norm at step {step} (loss {out.loss.item():.4g}); "
+                                 "the step was not applied")
     optimizer.step()
     momentum = momentum_at(step, cfg.train.steps, cfg.teacher.momentum_start, cfg.teacher.momentum_end)
     if teacher is not None:
@@ -154,6 +162,13 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
     if teacher is not None:
         record["momentum"] = momentum
     return record
+
+
+def _grad_norm(student: torch.nn.Module, clip: float) -> torch.Tensor:
+    """The global gradient norm before clipping; gradients clipped to ``clip`` when it is > 0."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in student.parameters() if p.grad is not None])
 
 
 @torch.no_grad()
@@ -197,6 +212,7 @@ class Run:
     evaluator: Any = None  # periodic_eval.PeriodicEval when train.eval_every > 0, else None
     init: ckpt.PretrainedReport | None = None  # what train.init_from loaded (None: random start or resumed)
     probe: Any = None  # diagnostics.GuidanceProbe on rank 0 of an AV-Digits run, else None
+    lock: folders.RunLock | None = None  # rank 0's hold on out_dir for the run (issue 17)
 
     def guidance_record(self, step: int) -> dict[str, float]:
         """The guidance diagnostics after ``step`` steps when due (``train.probe_every``), else {}."""
@@ -208,34 +224,68 @@ class Run:
     def last(self) -> Path:
         return self.out_dir / "last.pt"
 
+    def close(self) -> None:
+        """Release the run folder."""
+        if self.lock is not None:
+            self.lock.release()
+
 
 def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset_name}-{cfg.method}"
 
 
 def train(cfg: Config, out_dir: str | Path | None = None, callbacks: Iterable[Callable[[dict], Any]] = (),
-          resume: bool = True, dataset=None, eval_dataset=None) -> TrainResult:
+          resume: bool = True, dataset=None, eval_dataset=None, allow_change: Iterable[str] = ()) -> TrainResult:
     """Pretrain ``cfg.method`` for ``cfg.train.steps`` steps; resumes from ``out_dir/last.pt`` if present.
 
     ``callbacks`` receive each logged record (a dict: step, losses, lr, samples/s, ...; with
     ``train.eval_every`` the evaluation metrics as "eval/<metric>").
     ``dataset`` overrides the manifest of ``cfg.data`` (an ``AVDataset`` in training mode),
     ``eval_dataset`` its test manifest (evaluation mode) for ``train.eval_every``.
+    A resumed run must have the checkpoint's config; ``allow_change`` names the fields that
+    may differ (``("train.steps",)`` extends a run). One run at a time holds ``out_dir``.
     """
     cfg.validate()
     started_dist = _init_distributed()
     try:
-        run = setup_run(cfg, out_dir, resume, dataset, eval_dataset)
-        with RunLog(run, callbacks) as log:
-            train_steps(run, log)
+        run = setup_run(cfg, out_dir, resume, dataset, eval_dataset, tuple(allow_change))
+        try:
+            with RunLog(run, callbacks) as log:
+                train_steps(run, log)
+        finally:
+            run.close()
         return TrainResult(run.out_dir, run.last if dist.is_main() else None, log.history)
     finally:
         if started_dist:
             torch_dist.destroy_process_group()
 
 
-def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=None, eval_dataset=None) -> Run:
-    """Device, data, models, optimiser, run folder and evaluations; restores ``out_dir/last.pt`` when resuming."""
+def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=None, eval_dataset=None,
+              allow_change: tuple[str, ...] = ()) -> Run:
+    """Run folder (rank 0: checked writable and locked before any work), device, data, models,
+    optimiser and evaluations; restores ``out_dir/last.pt`` when resuming (``check_resume_config``)."""
+    out_dir = _shared_run_dir(Path(out_dir) if out_dir else default_run_dir(cfg))
+    lock = open_run_folder(out_dir) if dist.is_main() else None
+    try:
+        run = _assemble(cfg, out_dir, resume, dataset, eval_dataset, allow_change)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def open_run_folder(out_dir: Path) -> folders.RunLock:
+    """Claim ``out_dir`` for one run: writable (else a FolderError naming it), locked against a
+    second run (``folders.RunLock``), temporaries left by a kill mid-save removed."""
+    folders.check_writable(out_dir, "choose another out_dir (--out)")
+    lock = folders.RunLock(out_dir).acquire()
+    folders.remove_stale_temporaries(out_dir)  # safe now: no other run writes here
+    return lock
+
+
+def _assemble(cfg: Config, out_dir: Path, resume: bool, dataset, eval_dataset, allow_change: tuple[str, ...]) -> Run:
     from .dataset import train_data, train_loader
     from .periodic_eval import periodic_eval_for
 
@@ -244,7 +294,6 @@ def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=Non
         torch.cuda.set_device(device)
     if dataset is None:
         cfg = resolve_data(cfg)
-    out_dir = _shared_run_dir(Path(out_dir) if out_dir else default_run_dir(cfg))
     resuming = resume and (out_dir / "last.pt").exists()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student = build_model(cfg)
@@ -254,17 +303,17 @@ def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=Non
     optimizer = make_optimizer(student, cfg)
     start_step, history = 0, []
     if resuming:
-        start_step, history = _restore(out_dir / "last.pt", cfg, student, teacher, optimizer, device)
-    if dist.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.json")
-        if init:
-            (out_dir / "init_from.json").write_text(init.to_json())
+        start_step, history = _restore(out_dir / "last.pt", cfg, student, teacher, optimizer, device, allow_change)
     model = student
     if dist.is_distributed():
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     data = dataset or _rank0_first(lambda: train_data(cfg))  # a manifest's clips or shards (issue 13)
+    if dist.is_main():
+        cfg.save(out_dir / "config.json")
+        if init:
+            (out_dir / "init_from.json").write_text(init.to_json())
+        report_skipped(data, out_dir)
     evaluator = _rank0_first(lambda: periodic_eval_for(cfg, out_dir, device, eval_dataset, start_step > 0))
     loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
     return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history, evaluator, init,
@@ -276,6 +325,24 @@ def _rank0_probe(cfg: Config):
     from .diagnostics import probe_for  # it builds on analysis, which imports this module
 
     return probe_for(cfg) if dist.is_main() else None
+
+
+def report_skipped(data, out_dir: Path) -> None:
+    """``out_dir/skipped.csv`` (video_id, reason) and a warning with the count when the data
+    left clips out (``data.on_error=skip``); an earlier run's list is removed when none are."""
+    skipped = getattr(data, "skipped", None) or {}
+    path = out_dir / "skipped.csv"
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["video_id", "reason"])
+    writer.writerows(sorted(skipped.items()))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text.getvalue()))
+    total = len(getattr(data, "clips", ())) or "?"
+    warnings.warn(f"{len(skipped)} of {total} clips were skipped (data.on_error=skip) and are not trained on; "
+                  f"each is listed with its reason in {path}", stacklevel=2)
 
 
 def initial_weights(cfg: Config, student: TGDPModel, resuming: Path | None) -> ckpt.PretrainedReport | None:
@@ -322,8 +389,22 @@ def train_steps(run: Run, log: "RunLog") -> None:
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_run(run, step, log.history)
     except NonFiniteLossError as err:
-        good = f"; the last good checkpoint is {run.last}" if run.last.exists() else ""
-        raise NonFiniteLossError(f"{err}{good}") from None
+        raise NonFiniteLossError(f"{err}; {good_checkpoint_note(run.out_dir)}") from None
+
+
+def good_checkpoint_note(out_dir: Path) -> str:
+    """Where a diverged run can go back to: the newest checkpoint whose tensors are all finite
+    (read and checked, not assumed), or that there is none."""
+    for path in [out_dir / "last.pt", *sorted(out_dir.glob("step*.pt"), reverse=True)]:
+        try:
+            data = ckpt.read_checkpoint(path)
+        except ckpt.CheckpointError:
+            continue
+        if not ckpt.non_finite([data.get("model"), data.get("teacher"), data.get("optimizer")]):
+            return (f"the last good checkpoint is {path} (step {data.get('step')}); to resume from it with "
+                    "another learning rate, add --train.lr=... --allow-change train.lr")
+    return (f"there is no good checkpoint in {out_dir}: start again (--fresh), e.g. with a lower train.lr "
+            "or more train.warmup_steps")
 
 
 def _evaluate(run: Run, log: "RunLog", step: int, record: dict[str, float]) -> dict[str, Any]:
@@ -469,19 +550,49 @@ def save_run(run: Run, step: int, history: list) -> None:
         run.student, step=step, teacher=run.teacher.state_dict() if run.teacher else None,
         optimizer=run.optimizer.state_dict(), history=history,
         rng={"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})})
+    bad = ckpt.non_finite({k: payload[k] for k in ("model", "teacher", "optimizer")})
+    if bad:  # the last line of defence: a checkpoint is written only from finite weights
+        raise NonFiniteLossError(f"after step {step} {ckpt.describe_non_finite(bad)}; not saved")
     step_file = ckpt.save_checkpoint(payload, out_dir / f"step{step:07d}.pt")
     ckpt.link_atomically(step_file, out_dir / "last.pt")  # the same bytes, serialised once
     for old in sorted(out_dir.glob("step*.pt"))[:-cfg.train.keep_checkpoints]:
         old.unlink()
 
 
-def _restore(path: Path, cfg: Config, student: TGDPModel, teacher: EMATeacher | None,
-             optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, list]:
-    data = ckpt.read_checkpoint(path)
-    saved = Config.from_dict(data["config"])
-    if saved.model != cfg.model or saved.method != cfg.method:
-        raise ckpt.CheckpointError(f"{path} was trained with another model or method; "
+# Fields that say how a run is run, logged or evaluated, not what it trains: free to change on
+# resume (evaluations run under a forked RNG, train.init_from is not read when resuming).
+RESUME_FREE = ("preset_name", "data.workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.log_to", "train.wandb_project", "train.wandb_mode",
+               "train.eval_every", "train.eval_clips", "train.keep_best", "train.probe_every", "train.init_from")
+
+
+def check_resume_config(saved: Config, cfg: Config, allow_change: tuple[str, ...], path: Path) -> None:
+    """Refuse to resume the checkpoint at ``path`` (config ``saved``) under a config that differs
+    in any field outside RESUME_FREE and ``allow_change``; the error lists each field (issue 17).
+    The model and method can never change: the weights would not fit."""
+    for key in allow_change:
+        cfg.check_field(key)
+    changed = {k: v for k, v in saved.differences(cfg).items() if k not in RESUME_FREE}
+    fixed = {k: v for k, v in changed.items() if k == "method" or k.startswith("model.")}
+    refused = fixed or {k: v for k, v in changed.items() if k not in allow_change}
+    if not refused:
+        return
+    lines = "\n".join(f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
+    if fixed:
+        raise ckpt.CheckpointError(f"{path} was trained with another model or method:\n{lines}\n"
                                    "resume with its config.json or choose a new out_dir")
+    allow = " ".join(f"--allow-change {k}" for k in refused)
+    raise ckpt.CheckpointError(
+        f"{path}: this config differs from the checkpoint's in {len(refused)} field(s):\n{lines}\n"
+        f"resume with the checkpoint's config ({path.parent / 'config.json'}), allow the change ({allow}; "
+        "train(..., allow_change=[...]) in Python), or start a new run (--fresh or another --out)")
+
+
+def _restore(path: Path, cfg: Config, student: TGDPModel, teacher: EMATeacher | None,
+             optimizer: torch.optim.Optimizer, device: torch.device,
+             allow_change: tuple[str, ...] = ()) -> tuple[int, list]:
+    data = ckpt.read_checkpoint(path)
+    check_resume_config(Config.from_dict(data["config"]), cfg, allow_change, path)
     ckpt.load_state_strict(student, data["model"], str(path))
     if teacher is not None:
         teacher.load_state_dict(data["teacher"])

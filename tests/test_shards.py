@@ -248,8 +248,8 @@ def test_training_from_shards_runs_and_resumes(tmp_path):
     cfg.train.batch_size, cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every = 4, 2, 1, 1
     result = tg.train(cfg, out_dir=tmp_path / "run")
     assert [r["step"] for r in result.history] == [1, 2]
-    cfg.train.steps = 3
-    resumed = tg.train(cfg, out_dir=tmp_path / "run")
+    cfg.train.steps = 3  # extending the run: a change resume must be told about (issue 17)
+    resumed = tg.train(cfg, out_dir=tmp_path / "run", allow_change=["train.steps"])
     assert [r["step"] for r in resumed.history] == [1, 2, 3]
 
 

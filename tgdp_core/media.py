@@ -30,7 +30,7 @@ import simplejpeg
 import soundfile as sf
 import torch
 import torchaudio
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .formats import FBANK_MEAN, FBANK_STD, FRAME_LENGTH_MS, FRAME_SHIFT_MS, IMAGENET_MEAN, IMAGENET_STD, SAMPLE_RATE
 
@@ -195,8 +195,10 @@ def image_dimensions(data: bytes, name: str = "image bytes") -> tuple[int, int]:
                 return image.size
     except Image.DecompressionBombError as err:
         raise MediaError(name, f"too large to decode: {err}") from None
-    except OSError as err:
-        raise MediaError(name, f"not an image PIL can read (JPEG, PNG, WebP, ...): {err}") from None
+    except OSError as err:  # PIL's "cannot identify image file <BytesIO ...>" says no more than this
+        detail = "" if isinstance(err, UnidentifiedImageError) else f": {err}"
+        raise MediaError(name, f"unreadable or corrupt image: not an image PIL can read (JPEG, PNG, WebP, ...)"
+                               f"{detail}") from None
 
 
 def decode_frame(data: bytes, image_size: int, name: str = "image bytes",

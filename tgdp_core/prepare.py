@@ -378,7 +378,6 @@ def _extract_parallel(videos: list[_Video], out: Path, workers: int, settings: d
         with _sigint_ignored():  # inherited: the workers start (on the first submits) ignoring Ctrl-C
             for v in videos[:workers]:
                 futures[pool.submit(_extract_one, v.path, out, v.video_id, settings)] = v
-        processes = [p for p in multiprocessing.active_children() if p not in before]
         for v in videos[workers:]:
             futures[pool.submit(_extract_one, v.path, out, v.video_id, settings)] = v
         for future in as_completed(futures):
@@ -391,7 +390,7 @@ def _extract_parallel(videos: list[_Video], out: Path, workers: int, settings: d
     except BaseException:
         with _sigint_ignored():  # milliseconds of cleanup that a second Ctrl-C must not cut short
             pool.shutdown(wait=False, cancel_futures=True)
-            processes = [p for p in multiprocessing.active_children() if p not in before]
+            processes = [p for p in multiprocessing.active_children() if p not in before]  # the pool's workers
             _stop(processes, [futures[f] for f in futures if not f.done()], out, settings["num_frames"])
         raise
     pool.shutdown()

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import dist
 from .config import Config
+from .layers import Block
 from .masking import BatchSlice
 from .model import TGDPModel, build_model
 from .teacher import EMATeacher, guidance_active, momentum_at, needs_teacher
@@ -87,6 +88,27 @@ def autocast_for(cfg: Config, device: torch.device):
     return nullcontext()
 
 
+def teacher_autocast(cfg: Config, device: torch.device):
+    """The teacher pass's precision inside the student's context: bf16 autocast when
+    ``teacher.precision`` is "bf16", else a no-op (the student's own context applies)."""
+    if cfg.teacher.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def compile_blocks(*modules: torch.nn.Module | None) -> None:
+    """``train.compile``: torch.compile every transformer Block of ``modules`` in place.
+
+    Regional compilation (the PyTorch recipe for repeated blocks): one compiled graph per
+    block shape, reused by every block of that shape, instead of one graph of the whole step
+    with masking, gathers and losses in it; state-dict names stay unchanged.
+    """
+    for module in (m for m in modules if m is not None):  # the teacher is None for sync / cavmae
+        for block in module.modules():
+            if isinstance(block, Block):
+                block.compile(dynamic=True)  # the views' token counts differ: one graph for all
+
+
 def mask_generator(cfg: Config, step: int, device: torch.device) -> torch.Generator:
     """The masks' noise source for one step: a function of (seed, step) only. Every rank
     draws the global batch's noise and keeps its rows (``masking.BatchSlice``)."""
@@ -120,7 +142,10 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
         guide = None
         if teacher is not None:
             priority = cfg.objective.score_direction if guidance_active(cfg, step) else None
-            guide = teacher(fbank, frames, priority)
+            with teacher_autocast(cfg, fbank.device):
+                guide = teacher(fbank, frames, priority)
+            if cfg.teacher.precision != "same":
+                guide = guide.float()
         out = model(fbank, frames, guide, generator, batch_slice, contrastive_ratio=contrastive_ratio_at(step, cfg))
     if not torch.isfinite(out.loss):
         raise NonFiniteLossError(f"non-finite loss at step {step}: "
@@ -222,6 +247,8 @@ def setup_run(cfg: Config, out_dir: str | Path | None, resume: bool, dataset=Non
     student = build_model(cfg).to(device).train()
     teacher = make_teacher(student)
     optimizer = make_optimizer(student, cfg)
+    if cfg.train.compile:
+        compile_blocks(student, teacher)
     start_step, history = 0, []
     if resume and (out_dir / "last.pt").exists():
         start_step, history = _restore(out_dir / "last.pt", cfg, student, teacher, optimizer, device)
@@ -386,6 +413,7 @@ def _restore(path: Path, cfg: Config, student: TGDPModel, teacher: EMATeacher | 
              optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, list]:
     data = ckpt.read_checkpoint(path)
     saved = Config.from_dict(data["config"])
+    saved.model.grad_checkpointing = cfg.model.grad_checkpointing  # a memory switch, not architecture
     if saved.model != cfg.model or saved.method != cfg.method:
         raise ckpt.CheckpointError(f"{path} was trained with another model or method; "
                                    "resume with its config.json or choose a new out_dir")

@@ -33,6 +33,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 # a label CSV, "pair P@1" per-frame labels as AV-Digits has).
 EVAL_METRICS = tuple(f"{d} {m}" for d in ("A->V", "V->A")
                      for m in ("R@1", "R@5", "R@10", "MedR", "P@1", "P@5", "P@10", "pair P@1"))
+TEACHER_PRECISIONS = ("same", "bf16")
 
 
 @dataclass
@@ -53,6 +54,12 @@ class ModelConfig:
     global_token: bool = True  # one learnable global (CLS) token per modality; cavmae: False
     num_registers: int = 8  # register tokens per modality, dropped before the joint block
     norm_pix_loss: bool = True  # reconstruct per-patch normalised targets (MAE)
+    # Activation checkpointing: every transformer block of the student (encoder and decoder)
+    # keeps only its input and recomputes its activations in the backward. Less memory (a
+    # larger batch per GPU), one more forward of the blocks per step; off by default: at
+    # `base`, batch 8, it saved memory and cost time on a CPU (README, "Performance"). Not part
+    # of the architecture: a run resumes with it switched either way.
+    grad_checkpointing: bool = False
 
     @property
     def audio_grid(self) -> tuple[int, int]:
@@ -136,6 +143,11 @@ class TeacherConfig:
     # random masks (README, "Learning from scratch"). 0 = guidance from the first step (the
     # released code).
     guidance_warmup_fraction: float = 0.0
+    # The teacher's no-grad pass: "same" runs it at the student's precision (train.precision),
+    # "bf16" under bf16 autocast even while the student trains in fp32 (its matmuls at the bf16
+    # rate; its targets and priorities come back as fp32). "same" by default: bf16 targets are
+    # rounded to 8 mantissa bits, so the losses are not those of an fp32 run (README, "Performance").
+    precision: str = "same"
 
 
 @dataclass
@@ -191,6 +203,11 @@ class TrainConfig:
     # "bf16" / "fp32" force it.
     precision: str = "auto"
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda"
+    # torch.compile of every transformer block of the student and the teacher ("regional"
+    # compilation: one block's graph is compiled and reused by the blocks of its shape, so it
+    # compiles in a fraction of the whole model's time; masking and losses stay eager). Off by
+    # default: on a CPU the compiled step was no faster (README, "Performance").
+    compile: bool = False
     log_every: int = 10  # steps between metrics.jsonl records (and callbacks)
     # Where each record goes (rank 0): "jsonl" (run folder/metrics.jsonl), "tensorboard"
     # (run folder/tensorboard, `tensorboard --logdir runs`), "wandb" (the optional extra
@@ -351,6 +368,8 @@ class Config:
             problems.append("method 'cavmae' pools its patch tokens: set model.global_token=False")
         if self.train.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"train.precision {self.train.precision!r} is not one of auto, bf16, fp32")
+        if self.teacher.precision not in TEACHER_PRECISIONS:
+            problems.append(f"teacher.precision {self.teacher.precision!r} is not one of {', '.join(TEACHER_PRECISIONS)}")
         if self.train.device not in ("auto", "cpu", "cuda"):
             problems.append(f"train.device {self.train.device!r} is not one of auto, cpu, cuda")
         if self.data.train_manifest and self.data.train_shards:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -119,9 +120,15 @@ class Attention(nn.Module):
         scores = None
         if priority == "patch_to_global":
             q = self._split(F.linear(x, w_q, b_q))  # (B, H, N, Dh)
-            onehot = torch.zeros(B, H, N, 1, dtype=v.dtype, device=v.device)
+            # q and k get a zero channel too (the scores and, with the scale given, their
+            # scaling are unchanged): with every head dim Dh + 1, SDPA keeps its fused kernel;
+            # a value dim other than the query's sends it to the math kernel, which forms the
+            # N x N matrix (issue 12, tests/test_speed.py)
+            zero = torch.zeros(B, H, N, 1, dtype=v.dtype, device=v.device)
+            onehot = zero.clone()
             onehot[:, :, 0] = 1
-            out = F.scaled_dot_product_attention(q, k, torch.cat([v, onehot], dim=-1))  # (B, H, N, Dh+1)
+            q, k, v = (torch.cat([t, pad], dim=-1) for t, pad in ((q, zero), (k, zero), (v, onehot)))
+            out = F.scaled_dot_product_attention(q, k, v, scale=Dh**-0.5)  # (B, H, N, Dh+1)
             scores = out[:, :, 1:, Dh].mean(1)  # (B, N-1): weight of patch i's query on the global key
             out = out[:, :, :1, :Dh]  # (B, H, 1, Dh)
         else:
@@ -138,10 +145,16 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ``modality_norms`` adds the audio/visual LayerNorm pairs."""
+    """Pre-norm transformer block; ``modality_norms`` adds the audio/visual LayerNorm pairs.
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, modality_norms: bool = False):
+    With ``checkpointing`` a training forward that records gradients keeps only the block's
+    input and recomputes its activations in the backward (``model.grad_checkpointing``).
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, modality_norms: bool = False,
+                 checkpointing: bool = False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
@@ -156,6 +169,11 @@ class Block(nn.Module):
         return getattr(self, f"norm1_{norm}"), getattr(self, f"norm2_{norm}")
 
     def forward(self, x: torch.Tensor, norm: str | None = None) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, norm, use_reentrant=False)
+        return self._forward(x, norm)
+
+    def _forward(self, x: torch.Tensor, norm: str | None) -> torch.Tensor:
         n1, n2 = self._norms(norm)
         x = x + self.attn(n1(x))
         return x + self.mlp(n2(x))

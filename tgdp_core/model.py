@@ -51,6 +51,13 @@ class Guide:
     attention_a: torch.Tensor | None = None  # (B, Na)
     attention_v: torch.Tensor | None = None  # (B, Nv)
 
+    def float(self) -> "Guide":
+        """The same guide in fp32 (a teacher that ran under bf16 autocast hands back bf16)."""
+        def f(t):
+            return None if t is None else t.float()
+        return Guide(f(self.audio), f(self.visual), f(self.priority_a), f(self.priority_v),
+                     f(self.attention_a), f(self.attention_v))
+
 
 @dataclass
 class StepOutput:
@@ -97,10 +104,13 @@ class AVEncoder(nn.Module):
         if m.num_registers:
             self.registers_a = nn.Parameter(torch.zeros(1, m.num_registers, D))
             self.registers_v = nn.Parameter(torch.zeros(1, m.num_registers, D))
-        self.blocks_a = nn.ModuleList(Block(D, m.num_heads, m.mlp_ratio) for _ in range(m.specific_depth))
-        self.blocks_v = nn.ModuleList(Block(D, m.num_heads, m.mlp_ratio) for _ in range(m.specific_depth))
+        ckpt = m.grad_checkpointing
+        self.blocks_a = nn.ModuleList(Block(D, m.num_heads, m.mlp_ratio, checkpointing=ckpt)
+                                      for _ in range(m.specific_depth))
+        self.blocks_v = nn.ModuleList(Block(D, m.num_heads, m.mlp_ratio, checkpointing=ckpt)
+                                      for _ in range(m.specific_depth))
         # The joint block: shared attention and MLP, LayerNorms per stream (joint, audio, visual).
-        self.joint = Block(D, m.num_heads, m.mlp_ratio, modality_norms=True)
+        self.joint = Block(D, m.num_heads, m.mlp_ratio, modality_norms=True, checkpointing=ckpt)
         self.norm, self.norm_a, self.norm_v = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
         self.apply(init_weights)
         for param in (self.modality_a, self.modality_v, *self._extra_tokens()):
@@ -217,7 +227,8 @@ class MAEDecoder(nn.Module):
         self.modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
         self.register_buffer("pos_embed_a", sincos_2d(Dd, *m.audio_grid)[None])
         self.register_buffer("pos_embed_v", sincos_2d(Dd, *m.visual_grid)[None])
-        self.blocks = nn.ModuleList(Block(Dd, m.decoder_heads, m.mlp_ratio) for _ in range(m.decoder_depth))
+        self.blocks = nn.ModuleList(Block(Dd, m.decoder_heads, m.mlp_ratio, checkpointing=m.grad_checkpointing)
+                                    for _ in range(m.decoder_depth))
         self.norm = nn.LayerNorm(Dd)
         self.pred_a = nn.Linear(Dd, p * p * 1)
         self.pred_v = nn.Linear(Dd, p * p * 3)

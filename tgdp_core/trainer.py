@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import dist, folders, tracking
 from .config import Config
+from .layers import Block
 from .masking import BatchSlice
 from .media import write_atomic
 from .model import TGDPModel, build_model
@@ -104,6 +105,27 @@ def autocast_for(cfg: Config, device: torch.device):
     return nullcontext()
 
 
+def teacher_autocast(cfg: Config, device: torch.device):
+    """The teacher pass's precision inside the student's context: bf16 autocast when
+    ``teacher.precision`` is "bf16", else a no-op (the student's own context applies)."""
+    if cfg.teacher.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def compile_blocks(*modules: torch.nn.Module | None) -> None:
+    """``train.compile``: torch.compile every transformer Block of ``modules`` in place.
+
+    Regional compilation (the PyTorch recipe for repeated blocks): one compiled graph per
+    block shape, reused by every block of that shape, instead of one graph of the whole step
+    with masking, gathers and losses in it; state-dict names stay unchanged.
+    """
+    for module in (m for m in modules if m is not None):  # the teacher is None for sync / cavmae
+        for block in module.modules():
+            if isinstance(block, Block):
+                block.compile(dynamic=True)  # the views' token counts differ: one graph for all
+
+
 def mask_generator(cfg: Config, step: int, device: torch.device) -> torch.Generator:
     """The masks' noise source for one step: a function of (seed, step) only. Every rank
     draws the global batch's noise and keeps its rows (``masking.BatchSlice``)."""
@@ -138,7 +160,10 @@ def train_step(model: torch.nn.Module, teacher: EMATeacher | None, optimizer: to
         guide = None
         if teacher is not None:
             priority = cfg.objective.score_direction if guidance_active(cfg, step) else None
-            guide = teacher(fbank, frames, priority)
+            with teacher_autocast(cfg, fbank.device):
+                guide = teacher(fbank, frames, priority)
+            if cfg.teacher.precision != "same":
+                guide = guide.float()
         out = model(fbank, frames, guide, generator, batch_slice, contrastive_ratio=contrastive_ratio_at(step, cfg),
                     rec_ratio=rec_ratio_at(step, cfg))
     if not torch.isfinite(out.loss):
@@ -301,6 +326,8 @@ def _assemble(cfg: Config, out_dir: Path, resume: bool, dataset, eval_dataset, a
     student = student.to(device).train()
     teacher = make_teacher(student)  # after the weights are in: the teacher starts as the student
     optimizer = make_optimizer(student, cfg)
+    if cfg.train.compile:
+        compile_blocks(student, teacher)
     start_step, history = 0, []
     if resuming:
         start_step, history = _restore(out_dir / "last.pt", cfg, student, teacher, optimizer, device, allow_change)
@@ -563,7 +590,8 @@ def save_run(run: Run, step: int, history: list) -> None:
 # resume (evaluations run under a forked RNG, train.init_from is not read when resuming).
 RESUME_FREE = ("preset_name", "data.workers", "data.cache_dir", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.log_to", "train.wandb_project", "train.wandb_mode",
-               "train.eval_every", "train.eval_clips", "train.keep_best", "train.probe_every", "train.init_from")
+               "train.eval_every", "train.eval_clips", "train.keep_best", "train.probe_every", "train.init_from",
+               "model.grad_checkpointing", "train.compile")  # memory / speed switches: the same arithmetic
 
 
 def check_resume_config(saved: Config, cfg: Config, allow_change: tuple[str, ...], path: Path) -> None:

@@ -12,7 +12,7 @@ from torch.profiler import profile
 import tgdp_core as tg
 from tgdp_core.layers import Block
 from tgdp_core.model import AVEncoder, TGDPModel
-from tgdp_core.trainer import compile_blocks, make_optimizer, make_teacher, mask_generator, train_step
+from tgdp_core.trainer import make_optimizer, make_teacher, mask_generator, train_step
 
 from conftest import SyntheticAV, tiny_batch
 
@@ -20,13 +20,11 @@ from conftest import SyntheticAV, tiny_batch
 GUIDED = {"teacher.guidance_warmup_fraction": 0.0, "objective.contrastive_mask_warmup_fraction": 0.0}
 
 
-def steps(cfg, n=2, batch=4, compiled=False):
+def steps(cfg, n=2, batch=4):
     """Losses and final weights of ``n`` training steps of a fresh model (seed 0, fixed inputs)."""
     torch.manual_seed(0)
     model = tg.build_model(cfg)
     teacher, optimizer = make_teacher(model), make_optimizer(model, cfg)
-    if compiled:
-        compile_blocks(model, teacher)
     audio, frames = tiny_batch(cfg, batch, generator=torch.Generator().manual_seed(1))
     losses = [train_step(model, teacher, optimizer, audio, frames, step,
                          generator=mask_generator(cfg, step, torch.device("cpu")))["loss"] for step in range(n)]
@@ -87,16 +85,20 @@ def test_teacher_precision_is_validated():
         tg.Config.preset("tiny", **{"teacher.precision": "fp16"})
 
 
-def test_compiled_blocks_give_the_eager_losses():
-    cfg = tg.Config.preset("tiny", **GUIDED)
-    eager, _ = steps(cfg, n=3, batch=2)
+@pytest.mark.slow  # compiling tiny's blocks: about 70 s with a cold inductor cache on 2 busy cores, 9 s warm
+def test_train_compile_gives_the_eager_losses(tmp_path):
+    """``train.compile`` through the trainer (setup_run compiles every block of student and
+    teacher): the same losses as eager, and checkpoints that load into an eager model."""
+    cfg = tg.Config.preset("tiny", **GUIDED, train=dict(steps=3, batch_size=2, log_every=1, checkpoint_every=3),
+                           data={"workers": 0})
+    eager = tg.train(cfg, tmp_path / "eager", dataset=SyntheticAV(cfg))
+    cfg.train.compile = True
     start = time.perf_counter()
-    compiled, model = steps(cfg, n=3, batch=2, compiled=True)
-    took = time.perf_counter() - start
-    assert compiled == pytest.approx(eager, rel=1e-4)
-    # the state dict keeps its names (a compiled run's checkpoints load into an eager model)
-    assert set(model.state_dict()) == set(tg.build_model(cfg).state_dict())
-    print(f"compiled 3 tiny steps in {took:.0f} s")
+    compiled = tg.train(cfg, tmp_path / "compiled", dataset=SyntheticAV(cfg))
+    print(f"3 compiled tiny steps in {time.perf_counter() - start:.0f} s")
+    for key in ("loss", "rec", "distill", "contrastive"):
+        assert [r[key] for r in compiled.history] == pytest.approx([r[key] for r in eager.history], rel=1e-4), key
+    tg.load_model(compiled.checkpoint)  # strict load: the state dict kept its names
 
 
 def test_teacher_priority_attention_runs_the_fused_kernel():

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as torch_dist
 
 from .bench import _machine, bench_config, in_fresh_process, measure_peaks, training_row
+from .config import Config
 from .stepbench import TGDPStepper, random_inputs, sync
 
 PARTS = ("steps", "batch", "compile", "ddp")
@@ -58,8 +59,7 @@ def run(preset: str = "base", methods: tuple[str, ...] = ("tgdp", "sync"), batch
         report["steps"] = {m: training_row(cfg, batch, steps, warmup, peaks) for m, cfg in configs.items()}
     if "batch" not in skip:
         report["largest_batch"] = {
-            name: in_fresh_process(largest_batch, tgdp.override(f"model.grad_checkpointing={on}").to_dict(), batch,
-                                   max_batch)
+            name: in_fresh_process(largest_batch, _with(tgdp, f"model.grad_checkpointing={on}"), batch, max_batch)
             for name, on in (("without checkpointing", False), ("with checkpointing", True))}
     if "compile" not in skip:
         compiled = bench_config(preset, "tgdp", "bf16", device, [*overrides, "train.compile=true"])
@@ -69,6 +69,11 @@ def run(preset: str = "base", methods: tuple[str, ...] = ("tgdp", "sync"), batch
     report["seconds"] = time.perf_counter() - start
     report["targets"] = targets(report)
     return report
+
+
+def _with(cfg: Config, *overrides: str) -> dict:
+    """A copy of ``cfg`` with ``overrides``, as a dict (``cfg`` itself stays as it is)."""
+    return Config.from_dict(cfg.to_dict()).override(*overrides).to_dict()
 
 
 # ---------------------------------------------------------------------- the batch search

@@ -56,9 +56,9 @@ class ModelConfig:
     norm_pix_loss: bool = True  # reconstruct per-patch normalised targets (MAE)
     # Activation checkpointing: every transformer block of the student (encoder and decoder)
     # keeps only its input and recomputes its activations in the backward. Less memory (a
-    # larger batch per GPU), one more forward of the blocks per step; off by default: at
-    # `base`, batch 8, it saved memory and cost time on a CPU (README, "Performance"). Not part
-    # of the architecture: a run resumes with it switched either way.
+    # larger batch per GPU), one more forward of the blocks per step: off by default (`base`,
+    # batch 8, CPU: 15-20 % slower for 0.7-1.6 GB less; README, "Memory and speed switches").
+    # Not part of the architecture: a run resumes with it switched either way.
     grad_checkpointing: bool = False
 
     @property
@@ -145,8 +145,9 @@ class TeacherConfig:
     guidance_warmup_fraction: float = 0.0
     # The teacher's no-grad pass: "same" runs it at the student's precision (train.precision),
     # "bf16" under bf16 autocast even while the student trains in fp32 (its matmuls at the bf16
-    # rate; its targets and priorities come back as fp32). "same" by default: bf16 targets are
-    # rounded to 8 mantissa bits, so the losses are not those of an fp32 run (README, "Performance").
+    # rate; its targets and priorities come back as fp32). "same" by default: bf16 was 1.16x
+    # faster at `base` on a CPU, but its rounded targets and priorities change the guided
+    # views and the losses (README, "Memory and speed switches").
     precision: str = "same"
 
 
@@ -206,7 +207,8 @@ class TrainConfig:
     # torch.compile of every transformer block of the student and the teacher ("regional"
     # compilation: one block's graph is compiled and reused by the blocks of its shape, so it
     # compiles in a fraction of the whole model's time; masking and losses stay eager). Off by
-    # default: on a CPU the compiled step was no faster (README, "Performance").
+    # default: at `base` on a CPU the compiled step was no faster and the first step took ~100 s
+    # longer (README, "Memory and speed switches"); `bench --suite gpu` measures it on a GPU.
     compile: bool = False
     log_every: int = 10  # steps between metrics.jsonl records (and callbacks)
     # Where each record goes (rank 0): "jsonl" (run folder/metrics.jsonl), "tensorboard"

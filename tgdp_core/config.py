@@ -145,8 +145,8 @@ class TeacherConfig:
     guidance_warmup_fraction: float = 0.0
     # The teacher's no-grad pass: "same" runs it at the student's precision (train.precision),
     # "bf16" under bf16 autocast even while the student trains in fp32 (its matmuls at the bf16
-    # rate; its targets and priorities come back as fp32). "same" by default: bf16 was 1.16x
-    # faster at `base` on a CPU, but its rounded targets and priorities change the guided
+    # rate; its targets and priorities come back as fp32). "same" by default: bf16 was 1.07-1.16x
+    # faster at `base` on a CPU, but its rounded targets and bf16 features change the guided
     # views and the losses (README, "Memory and speed switches").
     precision: str = "same"
 

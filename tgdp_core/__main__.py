@@ -124,7 +124,6 @@ def _eval_set(cfg: Config, source: str | None, per_class: int = 0, max_clips: in
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     """Zero-shot retrieval (and a linear probe with --train-manifest) of a checkpoint."""
-    import json
 
     from . import evaluate
     from .checkpoint import load_model
@@ -158,7 +157,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_embed(args: argparse.Namespace, overrides: list[str]) -> None:
     """Per-clip, per-frame embeddings and global features of a checkpoint to a safetensors file."""
-    import json
 
     from .checkpoint import load_model, load_teacher_encoder
     from .embed import write_embeddings
@@ -202,7 +200,6 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_probe(args: argparse.Namespace, overrides: list[str]) -> None:
     """Attention / linear / kNN probes of a checkpoint's frozen features: a table and JSON."""
-    import json
 
     from .evaluate import markdown_table
     from .probe import run_probes

@@ -253,6 +253,22 @@ def test_training_from_shards_runs_and_resumes(tmp_path):
     assert [r["step"] for r in resumed.history] == [1, 2, 3]
 
 
+def test_evaluation_during_training_reads_test_shards(tmp_path):
+    """train.eval_every with data.test_shards: the logged metrics are evaluate_model's on the
+    first eval_clips clips of the shards (manifest order), for the student of that step."""
+    write(tmp_path, n=12, shard_size=4, seconds=1.0)
+    cfg = tiny(train_shards=str(tmp_path / "sh"), test_shards=str(tmp_path / "sh"))
+    cfg.train.batch_size, cfg.train.steps, cfg.train.log_every = 4, 2, 1
+    cfg.train.eval_every, cfg.train.eval_clips, cfg.train.keep_best = 2, 5, "A->V R@1"
+    result = tg.train(cfg, out_dir=tmp_path / "run")
+    logged = {k[len("eval/"):]: v for k, v in result.history[-1].items() if k.startswith("eval/")}
+    assert "A->V R@1" in logged and (tmp_path / "run" / "best.pt").exists()
+    data = ShardEvalSet(tmp_path / "sh", cfg)
+    first = data.subset(sorted(data.positions)[:5])
+    want = tg.evaluate.evaluate_model(tg.load_model(result.checkpoint), first, progress=False)
+    assert logged == pytest.approx(want, abs=1e-6)
+
+
 # ---------------------------------------------------------------------- bad input
 def first_key(path):
     return samples_of(path)[0]["__key__"]

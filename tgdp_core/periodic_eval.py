@@ -3,7 +3,8 @@ zero-shot retrieval on the test clips, the best checkpoint by ``train.keep_best`
 masked views of a fixed test sample for TensorBoard / W&B.
 
 The metrics are ``evaluate.evaluate_model``'s, the ones ``python -m tgdp_core eval`` prints,
-on ``data.test_manifest`` (its first ``train.eval_clips`` clips; 0 = all), logged as
+on ``data.test_shards`` or ``data.test_manifest`` (its first ``train.eval_clips`` clips in
+manifest order; 0 = all), logged as
 "eval/<metric>" in the step's record. ``best.pt`` (run folder) is a model checkpoint, not a
 resume point: config, student weights, EMA teacher, the step, the chosen metric and its value
 and every metric of that evaluation; ``load_model``, ``load_teacher_encoder``, ``eval`` and
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import IterableDataset, Subset
 
 from . import checkpoint as ckpt
 from . import formats
@@ -50,7 +51,7 @@ class PeriodicEval:
     def __init__(self, cfg: Config, out_dir: Path, dataset, device: torch.device, resumed: bool = False):
         self.cfg, self.device = cfg, device
         if cfg.train.eval_clips:
-            dataset = Subset(dataset, range(min(cfg.train.eval_clips, len(dataset))))
+            dataset = _first_clips(dataset, cfg.train.eval_clips)
         self.dataset = dataset
         self.best_path = out_dir / "best.pt"
         # a resumed run goes on from the best it kept; a fresh one replaces an old best.pt
@@ -131,12 +132,13 @@ def periodic_eval_for(cfg: Config, out_dir: Path, device: torch.device, dataset=
         return None
     with _own_rng(device):
         if dataset is None:
-            if not cfg.data.test_manifest:
-                raise ValueError("train.eval_every needs test clips: set data.test_manifest "
+            source = cfg.data.test_shards or cfg.data.test_manifest
+            if not source:
+                raise ValueError("train.eval_every needs test clips: set data.test_shards or data.test_manifest "
                                  "(or pass eval_dataset to tgdp_core.train)")
-            from .dataset import AVDataset
+            from .dataset import eval_data
 
-            dataset = AVDataset(cfg.data.test_manifest, cfg, train=False)
+            dataset = eval_data(source, cfg)
         return PeriodicEval(cfg, out_dir, dataset, device, resumed)
 
 
@@ -154,9 +156,27 @@ def _saved_best(path: Path, metric: str) -> float | None:
     return float(data["value"]) if data.get("metric") == metric else None
 
 
+def _first_clips(dataset, n: int):
+    """The first ``n`` clips of an evaluation set: a Subset of a map-style one; of shards
+    (``ShardEvalSet``), the first ``n`` in manifest order."""
+    from .shardset import ShardEvalSet
+
+    if isinstance(dataset, ShardEvalSet):
+        return dataset.subset([position for position, _, _ in dataset.manifest_order()[:n]])
+    return Subset(dataset, range(min(n, len(dataset))))
+
+
 def _check_metric_available(metric: str, dataset) -> None:
-    """Refuse, before training, a keep_best metric the test set's labels cannot give."""
+    """Refuse, before training, a keep_best metric the test set's labels cannot give (shards:
+    their per-frame labels are only known once read, so only the label CSV is checked)."""
+    from .shardset import ShardEvalSet
+
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(base, ShardEvalSet):
+        if "P@" in metric and "pair" not in metric and not base.decoder.label_index:
+            raise ValueError(f"train.keep_best {metric!r} needs labels: give the shards a label CSV "
+                             "(data.label_csv) or choose an R@k / MedR metric")
+        return
     labels, frame_labels = getattr(base, "labels", None), getattr(base, "frame_labels", None)
     if "pair" in metric and frame_labels is not None and not bool((frame_labels >= 0).all()):
         raise ValueError(f"train.keep_best {metric!r} needs per-frame labels (frame_labels) in the test manifest")
@@ -169,7 +189,7 @@ def _fixed_sample(dataset, cfg: Config) -> dict[str, Any]:
     """The middle frame of the first test clip with its aligned segment: model inputs
     ((1, T, F), (1, 3, S, S)), the frame as a picture (S, S, 3) uint8, where the segment starts."""
     d, m = cfg.data, cfg.model
-    item = dataset[0]
+    item = next(iter(dataset)) if isinstance(dataset, IterableDataset) else dataset[0]
     k = d.frames_per_clip // 2
     fbank, frames = item["fbank"][k:k + 1].float(), item["frames"][k:k + 1].float()
     mean = torch.tensor(formats.IMAGENET_MEAN).view(3, 1, 1)

@@ -220,9 +220,10 @@ class TrainConfig:
     # later), "online" or "disabled".
     wandb_mode: str = "offline"
     # Steps between evaluations during training (0 = none): zero-shot retrieval on
-    # data.test_manifest, the metrics of `python -m tgdp_core eval`, logged as "eval/<metric>".
+    # data.test_shards or data.test_manifest, the metrics of `python -m tgdp_core eval`, logged
+    # as "eval/<metric>".
     eval_every: int = 0
-    eval_clips: int = 0  # evaluate on the first N clips of the test manifest (0 = all)
+    eval_clips: int = 0  # evaluate on the first N test clips, in manifest order (0 = all)
     # Keep the best checkpoint by this evaluation metric, e.g. "A->V R@1" (run folder/best.pt;
     # MedR: lower is better, every other metric higher). "" = keep none.
     keep_best: str = ""

@@ -159,10 +159,11 @@ def _saved_best(path: Path, metric: str) -> float | None:
 def _first_clips(dataset, n: int):
     """The first ``n`` clips of an evaluation set: a Subset of a map-style one; of shards
     (``ShardEvalSet``), the first ``n`` in manifest order."""
+    from .dataset import choose_clips
     from .shardset import ShardEvalSet
 
     if isinstance(dataset, ShardEvalSet):
-        return dataset.subset([position for position, _, _ in dataset.manifest_order()[:n]])
+        return choose_clips(dataset, max_clips=n)[0]
     return Subset(dataset, range(min(n, len(dataset))))
 
 

@@ -193,6 +193,9 @@ def test_tensors_without_a_place_or_of_another_shape_are_errors_that_name_them(t
         (mae_state(cfg, width=64), r"wrong shape \(80\): blocks.0.attn.proj.bias \(64,\) -> encoder.blocks_a.0.attn.proj.bias \(128,\)"),
         ({"weights": torch.zeros(3)}, "not tgdp, official"),
     ]
+    diverged = mae_state(cfg)
+    diverged["blocks.1.mlp.fc1.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), 1.0])
+    cases.append((diverged, r"NaN or infinite values .*: blocks\.1\.mlp\.fc1\.weight \(2 of"))
     for i, (state, message) in enumerate(cases):
         torch.save(state, tmp_path / f"bad{i}.pth")
         with pytest.raises(ckpt.CheckpointError, match=message):

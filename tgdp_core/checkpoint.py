@@ -487,9 +487,13 @@ def _copy_into(model: torch.nn.Module, pairs: dict[str, tuple[str, torch.Tensor]
     nowhere = sorted(f"{src} -> {name}" for name, (src, _) in pairs.items() if name not in own)
     misshapen = sorted(f"{src} {tuple(v.shape)} -> {name} {tuple(own[name].shape)}"
                        for name, (src, v) in pairs.items() if name in own and own[name].shape != v.shape)
-    if nowhere or misshapen or not pairs:
+    # a source with NaN or infinite weights would train from step 0 to NaN losses: refuse it here
+    broken = sorted(f"{src} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for name, (src, v) in pairs.items()
+                    if name in own and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if nowhere or misshapen or broken or not pairs:
         lines = [f"{report.path} does not fit the model ({report.source} weights):"]
-        for title, items in (("no such tensor in the model", nowhere), ("wrong shape", misshapen)):
+        for title, items in (("no such tensor in the model", nowhere), ("wrong shape", misshapen),
+                             ("NaN or infinite values (a diverged run's weights?)", broken)):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         if not pairs:

@@ -330,6 +330,25 @@ def test_bad_samples_raise_naming_shard_and_key_or_are_skipped_and_counted(tmp_p
             assert len(got) == 12
 
 
+def test_training_lists_skipped_shard_samples_in_skipped_csv(tmp_path):
+    """data.on_error=skip: the loader workers append each skipped sample to out_dir/skipped.csv
+    (as a manifest run lists its skipped clips); a resumed run keeps the earlier rows."""
+    write(tmp_path, n=12, shard_size=4, seconds=1.0)
+    key = break_missing_audio(tmp_path / "sh" / "shard-000001.tar")
+    cfg = tiny(train_shards=str(tmp_path / "sh"), on_error="skip", workers=2)
+    cfg.train.batch_size, cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every = 4, 4, 1, 1
+    tg.train(cfg, out_dir=tmp_path / "run")  # 16 samples: every sample of the first epoch is read
+    path = tmp_path / "run" / "skipped.csv"
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["video_id", "reason"]
+    assert rows[1][0] == key and "shard-000001.tar" in rows[1][1] and "no audio member" in rows[1][1]
+    assert all(r[0] == key for r in rows[1:])
+    cfg.train.steps = 8
+    tg.train(cfg, out_dir=tmp_path / "run", allow_change=["train.steps"])
+    again = list(csv.reader(path.open()))
+    assert again[:len(rows)] == rows and len(again) > len(rows)  # the second epoch skips it again
+
+
 # ---------------------------------------------------------------------- commands
 def run_cli(*argv):
     from tgdp_core.__main__ import main

@@ -39,13 +39,17 @@ At least S shards are needed (an error says so).
 Bad input (a truncated shard, a sample without its audio or a frame, a JSON that does not
 parse, a member that does not decode): with data.on_error=raise a ShardError naming the shard
 and the sample's key; with skip the sample (for a truncated shard, the rest of the shard) is
-left out and logged with a running count on the ``tgdp_core.shardset`` logger.
+left out and logged with a running count on the ``tgdp_core.shardset`` logger, and, when the
+set has a ``skip_log`` (the trainer sets ``out_dir/skipped.csv``), appended there as a row
+(video_id, reason): one row per skip, so a sample bad in every epoch is listed once per epoch.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
+import os
 import tarfile
 import zlib
 from itertools import count, islice
@@ -56,6 +60,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; rows from several workers may interleave
+    fcntl = None
 
 from . import media
 from .config import Config
@@ -81,17 +90,39 @@ def _key_hash(key: str) -> int:
     return zlib.crc32(key.encode())
 
 
+SKIP_HEADER = ["video_id", "reason"]  # trainer.report_skipped writes a manifest's skips in the same columns
+
+
+def append_skip(path: Path, key: str, reason: str) -> None:
+    """One (video_id, reason) row appended to ``path`` (the header first if the file is new).
+    Loader workers and ranks append to one file: an exclusive lock keeps rows whole and the header first."""
+    row = io.StringIO()
+    csv.writer(row, lineterminator="\n").writerow([key, reason])
+    with open(path, "a", encoding="utf-8") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if os.fstat(f.fileno()).st_size == 0:
+                f.write(",".join(SKIP_HEADER) + "\n")
+            f.write(row.getvalue())
+            f.flush()
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # ---------------------------------------------------------------------- reading one shard
 class ShardReader:
     """Raw samples of shards ({"__key__", suffix: bytes, "__shard__"}) with only the wanted members
     read, every sample checked for its JSON, audio and frames; errors per data.on_error."""
 
-    def __init__(self, source: ShardSource, cfg: Config, use_fbank: bool):
+    def __init__(self, source: ShardSource, cfg: Config, use_fbank: bool, skip_log: Path | None = None):
         self.source, self.on_error = source, cfg.data.on_error
         self.frames = cfg.data.frames_per_clip
         self.audio = source.settings["audio_format"]
         self.use_fbank = use_fbank
         self.skipped = 0
+        self.skip_log = skip_log
 
     def skip_or_raise(self, shard: Path, key: str, reason: str, lost: int = 1) -> None:
         message = f"shard {shard}, sample {key}: {reason}"
@@ -99,6 +130,8 @@ class ShardReader:
             raise ShardError(message + " (set data.on_error=skip to leave such samples out)")
         self.skipped += lost
         log.warning("%s; skipped (%d sample(s) skipped so far in this process)", message, self.skipped)
+        if self.skip_log is not None:
+            append_skip(self.skip_log, key, f"shard {shard}: {reason}" + (f" ({lost} samples lost)" if lost > 1 else ""))
 
     def read(self, shard: Path, expected: int, wanted, skip: int = 0) -> Iterator[dict]:
         """The shard's samples from its ``skip``-th on; ``wanted(key, suffix)`` picks the members
@@ -239,6 +272,7 @@ class ShardTrainSet(IterableDataset):
         self.decoder = _Decoder(self.source, cfg)
         self.window = cfg.data.shuffle_buffer
         self.plan = {"start_step": 0, "total_steps": None, "rank": 0, "world": 1, "workers": 1, "batch": 1}
+        self.skip_log: Path | None = None  # where skipped samples are listed (trainer: out_dir/skipped.csv)
 
     def __len__(self) -> int:
         """Samples this set yields: a rank's share of the run's steps after ``for_run``; before, one
@@ -290,7 +324,7 @@ class ShardTrainSet(IterableDataset):
 
     def _stream(self, slot: int, slots: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         """The slot's decoded samples over epochs 0, 1, ..., from its ``skip``-th sample on."""
-        reader = ShardReader(self.source, self.cfg, self.decoder.use_fbank)
+        reader = ShardReader(self.source, self.cfg, self.decoder.use_fbank, self.skip_log)
         for epoch in count():
             shards = self.slot_shards(epoch, slot, slots)
             total = sum(self.source.shards[i].samples for i in shards)

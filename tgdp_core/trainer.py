@@ -340,7 +340,9 @@ def _assemble(cfg: Config, out_dir: Path, resume: bool, dataset, eval_dataset, a
         cfg.save(out_dir / "config.json")
         if init:
             (out_dir / "init_from.json").write_text(init.to_json())
-        report_skipped(data, out_dir)
+        report_skipped(data, out_dir, resuming)
+    if hasattr(data, "skip_log"):  # shards: the loader workers append each skip as it happens
+        data.skip_log = out_dir / "skipped.csv"
     evaluator = _rank0_first(lambda: periodic_eval_for(cfg, out_dir, device, eval_dataset, start_step > 0))
     loader = train_loader(data, cfg, start_step, dist.rank(), dist.world_size())
     return Run(cfg, out_dir, device, student, model, teacher, optimizer, loader, start_step, history, evaluator, init,
@@ -354,11 +356,17 @@ def _rank0_probe(cfg: Config):
     return probe_for(cfg) if dist.is_main() else None
 
 
-def report_skipped(data, out_dir: Path) -> None:
+def report_skipped(data, out_dir: Path, resuming: bool = False) -> None:
     """``out_dir/skipped.csv`` (video_id, reason) and a warning with the count when the data
-    left clips out (``data.on_error=skip``); an earlier run's list is removed when none are."""
-    skipped = getattr(data, "skipped", None) or {}
+    left clips out (``data.on_error=skip``); an earlier run's list is removed when none are.
+    Shards are checked as they stream: their loader appends to the file during the run (a resumed
+    run keeps the earlier rows, a fresh one starts it empty)."""
     path = out_dir / "skipped.csv"
+    if hasattr(data, "skip_log"):
+        if not resuming:
+            path.unlink(missing_ok=True)
+        return
+    skipped = getattr(data, "skipped", None) or {}
     if not skipped:
         path.unlink(missing_ok=True)
         return

@@ -527,6 +527,28 @@ def _parse(text: str, kind: Any) -> Any:
 
 # Presets. `base` is the paper's CAV-MAE Sync architecture; `small` and `tiny` keep its layout
 # at CPU sizes (tiny: seconds per step on 2 cores, for tests, notebooks and the quickstart).
+
+# tiny's and small's inputs: 96 px frames, 64 x 128 fbank segments, 4 registers
+_CPU_INPUTS = dict(image_size=96, mel_bins=64, audio_frames=128, num_registers=4)
+# Learning from scratch in a few hundred CPU steps, measured on tiny (README, "Learning from
+# scratch"): the contrastive term must lead (l3 = 1, l1 = l2 = 0.1; at l1 = 1 or l2 = 1 InfoNCE
+# stayed at ln(batch) for 400 steps), the contrastive view starts full and reaches its 0.5
+# masking at 62.5 % of the run (step 250 of 400), guided selection starts there too (from step
+# 100 it cut seed 0's pair P@1 from 44/50 to 27/29: a 100-step teacher picks worse views than
+# random masking), and the teacher averages over ~100 steps (momentum 0.99; DINO's 0.996 suits
+# 10^5 steps).
+_FROM_SCRATCH: dict[str, dict[str, Any]] = {
+    "objective": dict(temperature=0.2, rec_weight=0.1, distill_weight=0.1, contrastive_weight=1.0,
+                      contrastive_mask_warmup_fraction=0.625),
+    "teacher": dict(guidance_warmup_fraction=0.625, momentum_start=0.99),
+    # the AV-Digits layout: 5.12 s clips, 8 frames, one every 0.64 s
+    "data": dict(clip_frames=512, frames_per_clip=8),
+    # batch 128 and beta1 0.9: at batch 32, or with CAV-MAE's beta1 0.95, InfoNCE did not leave
+    # ln(batch) within 1,000 steps (README)
+    "train": dict(batch_size=128, lr=1e-3, betas=(0.9, 0.999), steps=400, warmup_steps=30,
+                  checkpoint_every=100),
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "base": {
         # Guidance from 10 % of the run, random selection before: the released code guides from
@@ -540,41 +562,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "teacher": dict(guidance_warmup_fraction=0.1),
     },
     "small": {
-        # ViT-S width (384, 6 heads) and depth (5 + 1 joint block) on tiny's inputs: 96 px frames,
-        # 64 x 128 fbank segments, the AV-Digits layout. A CPU step at batch 128 (bench
-        # --variants, 2 threads) took 6.0 s at 96 px, 7.7 s at 128 px, 8.0 s with 128 mel bins,
-        # so 400 steps fit in 45 minutes on 2 cores (README, "The small recipe").
+        # ViT-S width (384, 6 heads) and depth (5 + 1 joint block) on tiny's inputs and recipe,
+        # the learning rate halved for the wider model (README, "The small recipe": measured
+        # choices). A CPU step at batch 128 (bench --variants, 2 threads) took 6.0 s at 96 px,
+        # 7.7 s at 128 px, 8.0 s with 128 mel bins: 400 steps in 40 minutes on 2 cores.
         "model": dict(embed_dim=384, num_heads=6, specific_depth=5, decoder_dim=256, decoder_depth=2,
-                      decoder_heads=8, image_size=96, mel_bins=64, audio_frames=128, num_registers=4),
-        # From scratch on a CPU: tiny's measured recipe (temperature, loss weights, curriculum,
-        # guidance warm-up, momentum, batch, betas), with the learning rate halved for the wider
-        # model (measured: README, "The small recipe").
-        "objective": dict(temperature=0.2, rec_weight=0.1, distill_weight=0.1, contrastive_weight=1.0,
-                          contrastive_mask_warmup_fraction=0.625),
-        "teacher": dict(guidance_warmup_fraction=0.625, momentum_start=0.99),
-        "data": dict(clip_frames=512, frames_per_clip=8),
-        "train": dict(batch_size=128, lr=5e-4, betas=(0.9, 0.999), steps=400, warmup_steps=30,
-                      checkpoint_every=100),
+                      decoder_heads=8, **_CPU_INPUTS),
+        **_FROM_SCRATCH,
+        "train": {**_FROM_SCRATCH["train"], "lr": 5e-4},
     },
     "tiny": {
         "model": dict(embed_dim=128, num_heads=4, specific_depth=2, decoder_dim=64, decoder_depth=1,
-                      decoder_heads=4, image_size=96, mel_bins=64, audio_frames=128, num_registers=4),
-        # Learning from scratch in a few hundred CPU steps (README, "Learning from scratch"): the
-        # contrastive term must lead (l3 = 1, l1 = l2 = 0.1; at l1 = 1 or l2 = 1 InfoNCE stayed at
-        # ln(batch) for 400 steps), the contrastive view starts full and reaches its 0.5 masking
-        # at 62.5 % of the run (step 250 of 400), guided selection starts there too (from step
-        # 100 it cut seed 0's pair P@1 from 44/50 to 27/29: a 100-step teacher picks worse views
-        # than random masking), and the teacher averages over ~100 steps (momentum 0.99; DINO's
-        # 0.996 suits 10^5 steps).
-        "objective": dict(temperature=0.2, rec_weight=0.1, distill_weight=0.1, contrastive_weight=1.0,
-                          contrastive_mask_warmup_fraction=0.625),
-        "teacher": dict(guidance_warmup_fraction=0.625, momentum_start=0.99),
-        # the AV-Digits layout: 5.12 s clips, 8 frames, one every 0.64 s
-        "data": dict(clip_frames=512, frames_per_clip=8),
-        # batch 128 and beta1 0.9: at batch 32, or with CAV-MAE's beta1 0.95, InfoNCE did not leave
-        # ln(batch) within 1,000 steps (README)
-        "train": dict(batch_size=128, lr=1e-3, betas=(0.9, 0.999), steps=400, warmup_steps=30,
-                      checkpoint_every=100),
+                      decoder_heads=4, **_CPU_INPUTS),
+        **_FROM_SCRATCH,
     },
 }
 

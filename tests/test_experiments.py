@@ -109,6 +109,43 @@ def test_paired_differences_and_their_t_interval_against_a_direct_computation():
         experiments.paired_differences({"ref": ref, "row": row[:3]}, "ref", metrics=("A->V R@1",))
 
 
+def test_ablations_that_share_their_reference_runs_merge_into_one_table_and_others_are_refused(tmp_path):
+    g = torch.Generator().manual_seed(0)
+
+    def seeds(n=3):
+        keys = (*experiments.DIFF_METRICS, "train s")
+        return [dict(zip(keys, map(float, values))) for values in torch.rand(n, len(keys), generator=g) * 90]
+
+    ref, sync, dual, rec = seeds(), seeds(), seeds(), seeds()
+    ref_elsewhere = [dict(r, **{"train s": r["train s"] + 50}) for r in ref]  # the same runs, timed on a busier machine
+    a, b = experiments.REFERENCE_ROW, "+ Dual-path (Both 75%)"
+    experiments.write_seed_csv(tmp_path / "one.csv", {a: ref, "guided reconstruction mask": rec, b: dual})
+    experiments.write_seed_csv(tmp_path / "two.csv", {a: ref_elsewhere, "single pass (CAV-MAE Sync)": sync})
+    summary = experiments.merge_ablations([tmp_path / "one.csv", tmp_path / "two.csv"], tmp_path / "merged", "equal")
+    assert list(summary) == [a, "single pass (CAV-MAE Sync)", b, "guided reconstruction mask"]  # ABLATION_ROWS order
+    direct = experiments.summarise({a: ref, "single pass (CAV-MAE Sync)": sync, b: dual})
+    for name in direct:  # the paired differences of the merged table are those of one ablation with every row
+        for key in ("A->V R@1 diff", "A->V R@1 diff lo", "mAP diff hi", "mAP sd"):
+            assert summary[name][key] == pytest.approx(direct[name][key], abs=1e-3)
+    assert analysis.read_ablation_csv(tmp_path / "merged" / "ablation-equal.csv")[b]["seeds"] == 3
+    assert "one.csv" in (tmp_path / "merged" / "ablation-equal.md").read_text()
+    assert experiments.read_seed_csv(tmp_path / "merged" / "ablation-equal-seeds.csv")[b][2]["mAP"] == pytest.approx(dual[2]["mAP"], abs=1e-4)
+    other = [dict(r) for r in ref]
+    other[1]["mAP"] += 0.5  # another run of the reference (another budget, curriculum or code): not pairable
+    experiments.write_seed_csv(tmp_path / "three.csv", {a: other, b: dual})
+    with pytest.raises(ValueError, match=r"seed 1, 'mAP'.*cannot be paired"):
+        experiments.merge_ablations([tmp_path / "one.csv", tmp_path / "three.csv"], tmp_path / "bad", "equal")
+    experiments.write_seed_csv(tmp_path / "four.csv", {b: dual})
+    with pytest.raises(ValueError, match="no 'TG-DP: contrastive 0.50, guided' row"):
+        experiments.merge_ablations([tmp_path / "four.csv"], tmp_path / "bad", "equal")
+    experiments.write_seed_csv(tmp_path / "five.csv", {a: ref[:2]})
+    with pytest.raises(ValueError, match="has 3 seeds.*five.csv 2"):
+        experiments.merge_ablations([tmp_path / "one.csv", tmp_path / "five.csv"], tmp_path / "bad", "equal")
+    with pytest.raises(FileNotFoundError, match="nope.csv: no such file"):
+        experiments.merge_ablations([tmp_path / "nope.csv"], tmp_path / "bad", "equal")
+    assert not (tmp_path / "bad").exists()  # a refused merge writes nothing
+
+
 @pytest.mark.parametrize("curriculum,tgdp_ramp,sync_ramp", [("none", 0, 0), ("equal", 250, 250), ("preset", 250, 0)])
 def test_curricula_ramp_the_view_the_contrastive_loss_sees(curriculum, tgdp_ramp, sync_ramp):
     base = tg.Config.preset("tiny")

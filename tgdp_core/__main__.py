@@ -245,6 +245,15 @@ def cmd_ablate(args: argparse.Namespace, overrides: list[str]) -> None:
     print((Path(args.out) / f"ablation-{args.curriculum}.md").read_text())
 
 
+def cmd_ablate_merge(args: argparse.Namespace, overrides: list[str]) -> None:
+    """One table from several ablations' per-seed files that share the TG-DP runs."""
+    _no_overrides(overrides)
+    from .experiments import merge_ablations
+
+    merge_ablations(args.seed_csvs, args.out, args.curriculum)
+    print((Path(args.out) / f"ablation-{args.curriculum}.md").read_text())
+
+
 def _add_export_and_probe(sub) -> None:
     p = sub.add_parser("export", help="a checkpoint's weights as OUT/model.safetensors + OUT/config.json (no pickle)")
     p.add_argument("checkpoint", help="a tgdp checkpoint (last.pt, best.pt), an official state dict or an export")
@@ -336,6 +345,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="mask-ratio ramps: equal (every row ramps the view its contrastive loss sees; default), "
                         "none (no ramp), preset (the tiny preset's: only the dual-path rows ramp)")
     p.set_defaults(func=cmd_ablate)
+    p = sub.add_parser("ablate-merge", help="one ablation table from the -seeds.csv of ablations that ran different "
+                       "rows with the same TG-DP runs (rows split across machines or sessions)")
+    p.add_argument("seed_csvs", nargs="+", help="ablation-<curriculum>-seeds.csv files that ablate wrote")
+    p.add_argument("--out", required=True, help="folder for the merged ablation-<curriculum>.{md,csv,png}")
+    p.add_argument("--curriculum", required=True, help="the curriculum the ablations ran with (names the files)")
+    p.set_defaults(func=cmd_ablate_merge)
     p = sub.add_parser("bench", help="time each method's training step, the loader and the demo (issue #7)")
     bench.add_arguments(p)
     p.set_defaults(func=lambda args, overrides: sys.exit(bench.main(args, overrides)))

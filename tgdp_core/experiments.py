@@ -392,6 +392,85 @@ def ablate(out: str | Path = "runs/ablate", budget: float = 1.0, seeds: int = 3,
     return summary
 
 
+# Metrics that say how long a run took, not what it learnt: they may differ between two copies of one run.
+TIMING_METRICS = ("train s", "eval s")
+
+
+def read_seed_csv(path: str | Path) -> dict[str, list[dict[str, float]]]:
+    """The per-seed metrics an ablation wrote to ``ablation-<curriculum>-seeds.csv``: {row: [seed 0, 1, ...]}."""
+    runs: dict[str, list[dict[str, float]]] = {}
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            name, seed = record.pop("row"), int(record.pop("seed"))
+            seeds = runs.setdefault(name, [])
+            if seed != len(seeds):
+                raise ValueError(f"{path}: row {name!r} lists seed {seed} after {len(seeds)} seeds; "
+                                 "expected seeds 0, 1, ... in order (a file ablate wrote)")
+            seeds.append({k: float(v) for k, v in record.items() if v != "nan"})
+    return runs
+
+
+def merge_seed_runs(sources: dict[str, dict[str, list[dict[str, float]]]],
+                    reference: str = REFERENCE_ROW) -> dict[str, list[dict[str, float]]]:
+    """The rows of several ablations as one, for ``summarise``: ``sources`` maps a name (a file)
+    to its per-seed runs (``read_seed_csv``).
+
+    Paired differences are only valid against the same reference runs, so every source must
+    hold the reference row with the same seeds and the same results (timing aside), and a row
+    in several sources must agree likewise: the ablations ran the same configs (same preset,
+    steps, curriculum and seeds; runs are deterministic on one machine and thread count).
+    Anything else is an error naming the file, row, seed and metric. Rows come out in
+    ``ABLATION_ROWS`` order, the reference first."""
+    if not sources:
+        raise ValueError("nothing to merge: give at least one ablation-<curriculum>-seeds.csv")
+    merged: dict[str, list[dict[str, float]]] = {}
+    origin: dict[str, str] = {}
+    for source, runs in sources.items():
+        if reference not in runs:
+            raise ValueError(f"{source} has no {reference!r} row: its differences have no reference to pair with")
+        for name, seeds in runs.items():
+            if name not in merged:
+                merged[name], origin[name] = seeds, source
+                continue
+            _check_same_runs(name, merged[name], origin[name], seeds, source)
+    order = {name: i for i, name in enumerate(dict.fromkeys([reference, *ABLATION_ROWS]))}
+    return dict(sorted(merged.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def _check_same_runs(name: str, kept: list[dict[str, float]], kept_from: str,
+                     other: list[dict[str, float]], other_from: str) -> None:
+    if len(kept) != len(other):
+        raise ValueError(f"row {name!r}: {kept_from} has {len(kept)} seeds, {other_from} {len(other)}; "
+                         "merge ablations run with the same --seeds")
+    for seed, (a, b) in enumerate(zip(kept, other)):
+        for metric in sorted((set(a) | set(b)) - set(TIMING_METRICS)):
+            x, y = a.get(metric, math.nan), b.get(metric, math.nan)
+            if not (abs(x - y) <= 1e-3 or (math.isnan(x) and math.isnan(y))):
+                raise ValueError(f"row {name!r}, seed {seed}, {metric!r}: {x} in {kept_from} but {y} in {other_from}; "
+                                 "these are not the same runs (another preset, budget, curriculum, code version, "
+                                 "machine or thread count), so their rows cannot be paired")
+
+
+def merge_ablations(seed_csvs: list[str | Path], out: str | Path, curriculum: str, header: str = "") -> dict:
+    """Merge the ``-seeds.csv`` of ablations that share their TG-DP runs (rows split across
+    machines or sessions) into one table: ``out/ablation-<curriculum>.{md,csv,png}`` as
+    ``ablate`` writes them. Returns the summary (``summarise``)."""
+    if curriculum not in CURRICULA:
+        raise ValueError(f"unknown curriculum {curriculum!r}; valid: {', '.join(CURRICULA)}")
+    sources = {}
+    for path in map(Path, seed_csvs):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (give the ablation-<curriculum>-seeds.csv that ablate wrote)")
+        sources[str(path)] = read_seed_csv(path)
+    runs = merge_seed_runs(sources)
+    summary = summarise(runs)
+    seeds = len(runs[REFERENCE_ROW])
+    header = header or (f"AV-Digits, merged from {', '.join(f'`{p}`' for p in sources)} (the same TG-DP runs), "
+                        f"seeds 0-{seeds - 1}, curriculum {curriculum!r} ({CURRICULA[curriculum]}); mean ± sd")
+    write_ablation(Path(out), curriculum, summary, runs, header)
+    return summary
+
+
 def slug(name: str) -> str:
     """A row's folder name: lower case, runs of other characters as one dash."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

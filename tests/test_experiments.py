@@ -83,11 +83,14 @@ def test_ablation_rows_are_config_overrides_with_paired_seeds(tmp_path, small_cf
     with pytest.raises(ValueError, match="unknown ablation rows"):
         experiments.ablate(tmp_path, rows=["nope"], cfg=small_cfg)
     asked = []  # --rows all: every row, the optional ones too, the reference first
-    monkeypatch.setattr(experiments, "run_row", lambda cfg, folder, bench: asked.append(folder.parent.name) or {})
+    steps = set()
+    monkeypatch.setattr(experiments, "run_row", lambda cfg, folder, bench: asked.append(folder.parent.name)
+                        or steps.add((cfg.train.steps, folder.parent.parent.name)) or {})
     monkeypatch.setattr(experiments, "summarise", lambda runs: {})
     monkeypatch.setattr(experiments, "write_ablation", lambda *a: None)
     experiments.ablate(tmp_path / "all", seeds=1, probe_clips=12, rows=["all"], cfg=small_cfg, curriculum="none")
     assert asked == [experiments.slug(n) for n in [reference, *(n for n in experiments.ABLATION_ROWS if n != reference)]]
+    assert steps == {(800, "steps800")}  # without a curriculum the default budget is the one where rows learn
     with pytest.raises(ValueError, match="unknown curriculum 'half'; valid: equal, none, preset"):
         experiments.ablate(tmp_path, cfg=small_cfg, curriculum="half")
 

@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_quickstart)
     p = sub.add_parser("ablate", help="the paper's ablation table on the built-in benchmark")
     p.add_argument("--out", default="runs/ablate", help="run folder (default: runs/ablate); finished rows are reused")
-    p.add_argument("--budget", type=float, default=1.0,
-                   help="scales the steps per row (1 = 400: about 3.5 min per TG-DP row and seed on 2 CPU cores)")
+    p.add_argument("--budget", type=float,
+                   help="scales the steps per row (1 = 400: about 3.5 min per TG-DP row and seed on 2 CPU cores; "
+                        "default: 2 for --curriculum none, where rows need 800 steps to learn, else 1)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (3 to 5 for the intervals; default 3)")
     p.add_argument("--rows", nargs="*", help="rows by name, or 'all' (default: all but the guided reconstruction "
                    "rows); the TG-DP row always runs")

@@ -252,6 +252,10 @@ def _timed(phases: dict[str, float], name: str):
 # Steps per row at --budget 1: the tiny preset's run. A TG-DP row takes about 3.5 min per seed on
 # 2 quiet CPU cores (README: the seven paper rows x 3 seeds took 79 min), a single-pass row less.
 ABLATION_STEPS = 400
+# The budget (x ABLATION_STEPS) each curriculum's table runs at by default: where the rows learn.
+# Without a ramp the masked rows barely leave chance in 400 steps (TG-DP 18.8 / 22.1 pair P@1,
+# seed 0) and learn in 800 (53.4 / 55.3); README, "Finding the budget without a curriculum".
+DEFAULT_BUDGET = {"equal": 1.0, "none": 2.0, "preset": 1.0}
 TABLE_COLUMNS = ("A->V R@1", "V->A R@1", "A->V pair P@1", "V->A pair P@1", "mAP", "train s")
 DIFF_METRICS = ("A->V R@1", "V->A R@1", "A->V pair P@1", "V->A pair P@1", "mAP")
 PROBE_COLUMNS = ("visual top-k on digit", "visual random on digit", "visual AUC %",
@@ -360,11 +364,12 @@ def _number(x: float, spec: str) -> str:
     return "-" if math.isnan(x) else format(x, spec)
 
 
-def ablate(out: str | Path = "runs/ablate", budget: float = 1.0, seeds: int = 3, probe_clips: int = 1000,
+def ablate(out: str | Path = "runs/ablate", budget: float | None = None, seeds: int = 3, probe_clips: int = 1000,
            rows: list[str] | None = None, cfg: Config | None = None, curriculum: str = "equal") -> dict[str, dict[str, float]]:
     """The ablation rows on AV-Digits under one of the ``CURRICULA``, ``seeds`` seeds each.
 
-    ``rows``: names from ``ABLATION_ROWS`` (default ``DEFAULT_ROWS``; ``["all"]``: every row, the
+    ``budget``: steps per row as a multiple of ``ABLATION_STEPS`` (default: the curriculum's
+    ``DEFAULT_BUDGET``). ``rows``: names from ``ABLATION_ROWS`` (default ``DEFAULT_ROWS``; ``["all"]``: every row, the
     optional ones too); the TG-DP row is always run, the reference of the paired differences. Writes ``ablation-<curriculum>.md`` (the
     tables), ``.csv`` (``summarise``), ``-seeds.csv`` (every seed's metrics) and two plots
     into ``out``; runs go to ``out/curriculum-<curriculum>/steps<N>/<row>/seed<k>``.
@@ -378,7 +383,7 @@ def ablate(out: str | Path = "runs/ablate", budget: float = 1.0, seeds: int = 3,
     if curriculum not in CURRICULA:
         raise ValueError(f"unknown curriculum {curriculum!r}; valid: {', '.join(CURRICULA)}")
     base = resolve_data(cfg or Config.preset("tiny"))
-    steps = max(1, int(round(ABLATION_STEPS * budget)))
+    steps = max(1, int(round(ABLATION_STEPS * (DEFAULT_BUDGET[curriculum] if budget is None else budget))))
     bench = benchmark_for(base, probe_clips)
     runs = {}
     for name in names:

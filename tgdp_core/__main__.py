@@ -254,6 +254,27 @@ def cmd_ablate_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     print((Path(args.out) / f"ablation-{args.curriculum}.md").read_text())
 
 
+def _add_ablate_commands(sub) -> None:
+    p = sub.add_parser("ablate", help="the paper's ablation table on the built-in benchmark")
+    p.add_argument("--out", default="runs/ablate", help="run folder (default: runs/ablate); finished rows are reused")
+    p.add_argument("--budget", type=float,
+                   help="scales the steps per row (1 = 400: about 3.5 min per TG-DP row and seed on 2 CPU cores; "
+                        "default: 2 for --curriculum none, where rows need 800 steps to learn, else 1)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (3 to 5 for the intervals; default 3)")
+    p.add_argument("--rows", nargs="*", help="rows by name, or 'all' (default: all but the guided reconstruction "
+                   "rows); the TG-DP row always runs")
+    p.add_argument("--curriculum", default="equal",  # checked by experiments.ablate (its CURRICULA)
+                   help="mask-ratio ramps: equal (every row ramps the view its contrastive loss sees; default), "
+                        "none (no ramp), preset (the tiny preset's: only the dual-path rows ramp)")
+    p.set_defaults(func=cmd_ablate)
+    p = sub.add_parser("ablate-merge", help="one ablation table from the -seeds.csv of ablations that ran different "
+                       "rows with the same TG-DP runs (rows split across machines or sessions)")
+    p.add_argument("seed_csvs", nargs="+", help="ablation-<curriculum>-seeds.csv files that ablate wrote")
+    p.add_argument("--out", required=True, help="folder for the merged ablation-<curriculum>.{md,csv,png}")
+    p.add_argument("--curriculum", required=True, help="the curriculum the ablations ran with (names the files)")
+    p.set_defaults(func=cmd_ablate_merge)
+
+
 def _add_export_and_probe(sub) -> None:
     p = sub.add_parser("export", help="a checkpoint's weights as OUT/model.safetensors + OUT/config.json (no pickle)")
     p.add_argument("checkpoint", help="a tgdp checkpoint (last.pt, best.pt), an official state dict or an export")
@@ -334,24 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart); finished runs are reused")
     p.add_argument("--steps", type=int, help="training steps per method (default: the tiny preset's)")
     p.set_defaults(func=cmd_quickstart)
-    p = sub.add_parser("ablate", help="the paper's ablation table on the built-in benchmark")
-    p.add_argument("--out", default="runs/ablate", help="run folder (default: runs/ablate); finished rows are reused")
-    p.add_argument("--budget", type=float,
-                   help="scales the steps per row (1 = 400: about 3.5 min per TG-DP row and seed on 2 CPU cores; "
-                        "default: 2 for --curriculum none, where rows need 800 steps to learn, else 1)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (3 to 5 for the intervals; default 3)")
-    p.add_argument("--rows", nargs="*", help="rows by name, or 'all' (default: all but the guided reconstruction "
-                   "rows); the TG-DP row always runs")
-    p.add_argument("--curriculum", default="equal",  # checked by experiments.ablate (its CURRICULA)
-                   help="mask-ratio ramps: equal (every row ramps the view its contrastive loss sees; default), "
-                        "none (no ramp), preset (the tiny preset's: only the dual-path rows ramp)")
-    p.set_defaults(func=cmd_ablate)
-    p = sub.add_parser("ablate-merge", help="one ablation table from the -seeds.csv of ablations that ran different "
-                       "rows with the same TG-DP runs (rows split across machines or sessions)")
-    p.add_argument("seed_csvs", nargs="+", help="ablation-<curriculum>-seeds.csv files that ablate wrote")
-    p.add_argument("--out", required=True, help="folder for the merged ablation-<curriculum>.{md,csv,png}")
-    p.add_argument("--curriculum", required=True, help="the curriculum the ablations ran with (names the files)")
-    p.set_defaults(func=cmd_ablate_merge)
+    _add_ablate_commands(sub)
     p = sub.add_parser("bench", help="time each method's training step, the loader and the demo (issue #7)")
     bench.add_arguments(p)
     p.set_defaults(func=lambda args, overrides: sys.exit(bench.main(args, overrides)))

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run(*args):
@@ -43,6 +44,22 @@ def test_ablate_names_a_bad_curriculum_or_row_in_one_line_before_any_work():
     assert "unknown curriculum 'half'; valid: equal, none, preset" in result.stderr
     result = run("ablate", "--rows", "nope")
     assert "unknown ablation rows ['nope']" in result.stderr
+
+
+def test_ablate_starts_every_row_from_the_preset_it_is_given(monkeypatch, tmp_path):
+    from tgdp_core import __main__ as cli
+    from tgdp_core import experiments
+
+    seen = []
+
+    def fake_ablate(out, cfg=None, curriculum="equal", **kw):
+        seen.append(cfg.preset_name)
+        (Path(out) / f"ablation-{curriculum}.md").write_text("table")
+
+    monkeypatch.setattr(experiments, "ablate", fake_ablate)
+    cli.main(["ablate", "--out", str(tmp_path)])
+    cli.main(["ablate", "--out", str(tmp_path), "--preset", "small", "--curriculum", "preset"])
+    assert seen == ["tiny", "small"]
 
 
 # ---------------------------------------------------------------------------- issue 17

@@ -241,7 +241,8 @@ def cmd_ablate(args: argparse.Namespace, overrides: list[str]) -> None:
     _no_overrides(overrides)
     from .experiments import ablate
 
-    ablate(args.out, budget=args.budget, seeds=args.seeds, rows=args.rows, curriculum=args.curriculum)
+    ablate(args.out, budget=args.budget, seeds=args.seeds, rows=args.rows, curriculum=args.curriculum,
+           cfg=Config.preset(args.preset))
     print((Path(args.out) / f"ablation-{args.curriculum}.md").read_text())
 
 
@@ -265,7 +266,10 @@ def _add_ablate_commands(sub) -> None:
                    "rows); the TG-DP row always runs")
     p.add_argument("--curriculum", default="equal",  # checked by experiments.ablate (its CURRICULA)
                    help="mask-ratio ramps: equal (every row ramps the view its contrastive loss sees; default), "
-                        "none (no ramp), preset (the tiny preset's: only the dual-path rows ramp)")
+                        "none (no ramp), preset (the preset's own: only the dual-path rows ramp)")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="the recipe every row starts from (default: tiny; small: its 400 steps take about 40 min "
+                        "per row and seed on 2 CPU cores)")
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("ablate-merge", help="one ablation table from the -seeds.csv of ablations that ran different "
                        "rows with the same TG-DP runs (rows split across machines or sessions)")

@@ -112,6 +112,27 @@ def test_paired_differences_and_their_t_interval_against_a_direct_computation():
         experiments.paired_differences({"ref": ref, "row": row[:3]}, "ref", metrics=("A->V R@1",))
 
 
+def test_pairs_against_any_row_of_a_seed_file_are_that_rows_paired_differences(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    keys = experiments.DIFF_METRICS
+    base = [dict(zip(keys, map(float, v))) for v in torch.rand(3, len(keys), generator=g) * 50]
+    shifted = [{k: r[k] + 20 + i for k in keys} for i, r in enumerate(base)]  # +20, +21, +22 on every metric
+    noisy = [{k: r[k] + s for k in keys} for r, s in zip(base, (-3.0, 4.0, -1.0))]
+    ref = experiments.REFERENCE_ROW
+    experiments.write_seed_csv(tmp_path / "s.csv", {ref: noisy, "random instead of guided": base, "without distillation": shifted})
+    text = experiments.pairs_markdown(tmp_path / "s.csv", "random instead of guided", ["without distillation", ref])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "Δ" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| without distillation", f"| {ref}"]
+    assert rows[0].count("**+21.0 [+18.5, +23.5]**") == len(keys)  # t(0.975, 2) * 1 / sqrt(3) = 2.48
+    assert "**" not in rows[1] and "+0.0 [" in rows[1]  # -3, +4, -1: mean 0, not resolved
+    everything = experiments.pairs_markdown(tmp_path / "s.csv", ref)
+    assert "| random instead of guided |" in everything and "| without distillation |" in everything
+    with pytest.raises(ValueError, match=r"no row \['sync'\]; its rows"):
+        experiments.pairs_markdown(tmp_path / "s.csv", "sync")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        experiments.pairs_markdown(tmp_path / "nope.csv", ref)
+
+
 def test_ablations_that_share_their_reference_runs_merge_into_one_table_and_others_are_refused(tmp_path):
     g = torch.Generator().manual_seed(0)
 

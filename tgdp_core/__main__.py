@@ -255,6 +255,14 @@ def cmd_ablate_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     print((Path(args.out) / f"ablation-{args.curriculum}.md").read_text())
 
 
+def cmd_ablate_pairs(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Paired differences of an ablation's rows against any one of its rows."""
+    _no_overrides(overrides)
+    from .experiments import pairs_markdown
+
+    print(pairs_markdown(args.seed_csv, args.against, args.rows))
+
+
 def _add_ablate_commands(sub) -> None:
     p = sub.add_parser("ablate", help="the paper's ablation table on the built-in benchmark")
     p.add_argument("--out", default="runs/ablate", help="run folder (default: runs/ablate); finished rows are reused")
@@ -277,6 +285,12 @@ def _add_ablate_commands(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the merged ablation-<curriculum>.{md,csv,png}")
     p.add_argument("--curriculum", required=True, help="the curriculum the ablations ran with (names the files)")
     p.set_defaults(func=cmd_ablate_merge)
+    p = sub.add_parser("ablate-pairs", help="paired differences of an ablation's rows against any one of its rows "
+                       "(the table's are against TG-DP)")
+    p.add_argument("seed_csv", help="an ablation-<curriculum>-seeds.csv that ablate or ablate-merge wrote")
+    p.add_argument("--against", required=True, help="the reference row, by name")
+    p.add_argument("--rows", nargs="*", help="rows to compare with it (default: every other row)")
+    p.set_defaults(func=cmd_ablate_pairs)
 
 
 def _add_export_and_probe(sub) -> None:

@@ -353,6 +353,29 @@ def ablation_markdown(summary: dict[str, dict[str, float]], header: str, referen
     return text
 
 
+def pairs_markdown(seed_csv: str | Path, reference: str, rows: list[str] | None = None) -> str:
+    """Paired differences of ``rows`` (default: every other row) against any ``reference`` row of
+    one ``ablation-<curriculum>-seeds.csv``: the question the TG-DP-referenced table does not ask
+    (probabilistic against random selection, the teacher at 0.75 against the teacher-free dual
+    path). Rows share seeds, so the pairing holds for any two rows of one file."""
+    path = Path(seed_csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (give the ablation-<curriculum>-seeds.csv that ablate wrote)")
+    runs = read_seed_csv(path)
+    rows = rows or [name for name in runs if name != reference]
+    missing = [name for name in [reference, *rows] if name not in runs]
+    if missing:
+        raise ValueError(f"{path} has no row {missing}; its rows: {list(runs)}")
+    diffs = paired_differences({name: runs[name] for name in dict.fromkeys([reference, *rows])}, reference)
+    lines = [f"| row | {' | '.join('Δ ' + m for m in DIFF_METRICS)} |", "|---|" + "---|" * len(DIFF_METRICS)]
+    for name in rows:
+        d = diffs[name]
+        lines.append(f"| {name} | " + " | ".join(_interval_cell(d[f"{m} diff"], d[f"{m} diff lo"], d[f"{m} diff hi"])
+                                                for m in DIFF_METRICS) + " |")
+    return (f"Paired differences against {reference!r}, same seed (`{path}`): mean [95 % t interval] over "
+            f"{len(runs[reference])} seed(s); **bold**: the interval excludes 0.\n\n" + "\n".join(lines) + "\n")
+
+
 def _interval_cell(mean: float, lo: float, hi: float) -> str:
     if math.isnan(lo):
         return f"{mean:+.1f}"

@@ -340,7 +340,7 @@ def ablation_markdown(summary: dict[str, dict[str, float]], header: str, referen
     for name, r in summary.items():
         if name == reference:
             continue
-        cells = [_interval_cell(r[f"{m} diff"], r[f"{m} diff lo"], r[f"{m} diff hi"]) for m in DIFF_METRICS]
+        cells = _diff_cells(r)
         paper = [r[k] - ref[k] for k in ("paper VGGSound A->V R@1", "paper AS20K mAP")]
         lines.append(f"| {name} | " + " | ".join(cells + [_number(x, "+.1f") for x in paper]) + " |")
     n = int(ref["seeds"])
@@ -359,8 +359,6 @@ def pairs_markdown(seed_csv: str | Path, reference: str, rows: list[str] | None 
     (probabilistic against random selection, the teacher at 0.75 against the teacher-free dual
     path). Rows share seeds, so the pairing holds for any two rows of one file."""
     path = Path(seed_csv)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (give the ablation-<curriculum>-seeds.csv that ablate wrote)")
     runs = read_seed_csv(path)
     rows = rows or [name for name in runs if name != reference]
     missing = [name for name in [reference, *rows] if name not in runs]
@@ -368,12 +366,14 @@ def pairs_markdown(seed_csv: str | Path, reference: str, rows: list[str] | None 
         raise ValueError(f"{path} has no row {missing}; its rows: {list(runs)}")
     diffs = paired_differences({name: runs[name] for name in dict.fromkeys([reference, *rows])}, reference)
     lines = [f"| row | {' | '.join('Δ ' + m for m in DIFF_METRICS)} |", "|---|" + "---|" * len(DIFF_METRICS)]
-    for name in rows:
-        d = diffs[name]
-        lines.append(f"| {name} | " + " | ".join(_interval_cell(d[f"{m} diff"], d[f"{m} diff lo"], d[f"{m} diff hi"])
-                                                for m in DIFF_METRICS) + " |")
+    lines += [f"| {name} | " + " | ".join(_diff_cells(diffs[name])) + " |" for name in rows]
     return (f"Paired differences against {reference!r}, same seed (`{path}`): mean [95 % t interval] over "
             f"{len(runs[reference])} seed(s); **bold**: the interval excludes 0.\n\n" + "\n".join(lines) + "\n")
+
+
+def _diff_cells(record: dict[str, float]) -> list[str]:
+    """One table cell per ``DIFF_METRICS`` entry from a record with "<metric> diff", "diff lo", "diff hi"."""
+    return [_interval_cell(record[f"{m} diff"], record[f"{m} diff lo"], record[f"{m} diff hi"]) for m in DIFF_METRICS]
 
 
 def _interval_cell(mean: float, lo: float, hi: float) -> str:
@@ -426,6 +426,8 @@ TIMING_METRICS = ("train s", "eval s")
 
 def read_seed_csv(path: str | Path) -> dict[str, list[dict[str, float]]]:
     """The per-seed metrics an ablation wrote to ``ablation-<curriculum>-seeds.csv``: {row: [seed 0, 1, ...]}."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (give the ablation-<curriculum>-seeds.csv that ablate wrote)")
     runs: dict[str, list[dict[str, float]]] = {}
     with open(path, newline="") as f:
         for record in csv.DictReader(f):
@@ -487,8 +489,6 @@ def merge_ablations(seed_csvs: list[str | Path], out: str | Path, curriculum: st
         raise ValueError(f"unknown curriculum {curriculum!r}; valid: {', '.join(CURRICULA)}")
     sources = {}
     for path in map(Path, seed_csvs):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file (give the ablation-<curriculum>-seeds.csv that ablate wrote)")
         sources[str(path)] = read_seed_csv(path)
     runs = merge_seed_runs(sources)
     summary = summarise(runs)
